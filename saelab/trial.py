@@ -1,0 +1,146 @@
+"""The trial is a function: one resolved config in, one trained SAE and its metrics out.
+
+``saelab train``, the sweeper, the guide's ``model.train_sae``, the tests and
+the benchmarks all go through ``run_trial``. Optuna and W&B attach from
+outside as callbacks; the sweeper registers a factory in ``CALLBACK_FACTORIES``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from saelab.config import TrialConfig, trial_from_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, float]
+    """Final metrics: ``val/*`` (mse, nmse, nmse_p99, explained_variance, l0,
+    dead_fraction), ``train/tokens`` and ``time/*`` (wall_s, capture_s, train_s,
+    tokens_per_s, overhead_fraction)."""
+    sae_path: str
+    """Directory of the saved SAE (``SAE.load`` / ``model.load_sae``)."""
+    output_dir: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Validation metrics at each evaluation (with ``step`` and ``train/tokens``)."""
+    wandb_run_dir: str | None = None
+
+
+class HistoryCallback:
+    """Keeps the validation curve so the study can store it for reports."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_start(self, config: dict) -> None: ...
+    def on_log(self, step: int, metrics: dict) -> None: ...
+    def on_end(self, metrics: dict) -> None: ...
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+
+CALLBACK_FACTORIES: list[Callable[[TrialConfig], Any]] = []
+"""Factories called by the Hydra task for each trial (the sweeper adds its Optuna callback)."""
+
+
+def validate_trial(cfg: TrialConfig):
+    """Checks that need the model's shape; cheap (no weights loaded). Returns ModelInfo."""
+    from saelab.models import model_info
+
+    info = model_info(cfg.model)
+    if not 0 <= cfg.layer < info.n_layers:
+        raise ValueError(f"layer={cfg.layer} is not valid for {info.name}; "
+                         f"allowed: 0..{info.n_layers - 1}")
+    cfg.sae.check_dims(info.d_model)
+    return info
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str | Path | None = None,
+              progress: bool = True) -> TrialResult:
+    """Capture (or reuse) activations, train one SAE, save it, return its metrics."""
+    from saelab.cache import ensure_activations
+    from saelab.train import train_sae_on_arrays
+
+    t0 = time.perf_counter()
+    info = validate_trial(cfg)
+    out = Path(output_dir or cfg.output_dir or ".").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    entry = ensure_activations(cfg.model, cfg.data, [(cfg.layer, cfg.component)],
+                               root=cfg.cache_dir)[(cfg.layer, cfg.component)]
+    train, val = entry.arrays(cfg.sae.validation_split, cfg.data.split_seed)
+    t_data = time.perf_counter()
+
+    metadata = {
+        "model_name": info.name, "model_identity": info.identity, "layer": cfg.layer,
+        "component": cfg.component, "d_model": info.d_model, "activation_cache": str(entry.path),
+        "train_activations": int(train.shape[0]), "val_activations": int(val.shape[0]),
+    }
+    history = HistoryCallback()
+    cbs: list[Any] = [history, *callbacks, *(f(cfg) for f in CALLBACK_FACTORIES)]
+    wandb_cb = None
+    if cfg.sae.use_wandb:
+        from saelab.tracking import WandbCallback
+
+        wandb_cb = WandbCallback(
+            project=cfg.sae.wandb_project,
+            name=cfg.sae.wandb_name or f"l{cfg.layer}_{cfg.component}_x{cfg.sae.expansion_factor}_k{cfg.sae.k}",
+            tags=list(cfg.sae.wandb_tags), group=cfg.sae.wandb_group,
+            config={**asdict(cfg), **metadata},
+        )
+        cbs.append(wandb_cb)
+
+    try:
+        sae, metrics = train_sae_on_arrays(train, val, cfg.sae, metadata=metadata,
+                                           callbacks=cbs, progress=progress)
+    finally:
+        if wandb_cb is not None:
+            wandb_cb.close()
+    t_train = time.perf_counter()
+
+    sae_path = out / "sae.mlx"
+    sae.save(sae_path)
+    t_end = time.perf_counter()
+    train_s = t_train - t_data
+    metrics = {
+        **metrics,
+        "time/capture_s": t_data - t0,
+        "time/train_s": train_s,
+        "time/wall_s": t_end - t0,
+        "time/tokens_per_s": metrics.get("train/tokens", 0.0) / max(train_s, 1e-9),
+        "time/overhead_fraction": (t_end - t0 - train_s) / (t_end - t0),
+    }
+    result = TrialResult(metrics=metrics, sae_path=str(sae_path), output_dir=str(out),
+                         history=history.history,
+                         wandb_run_dir=wandb_cb.run_dir if wandb_cb is not None else None)
+    _write_json(out / "metrics.json", asdict(result))
+    return result
+
+
+def hydra_task(cfg) -> TrialResult:
+    """The Hydra task function of ``saelab train`` (single run or one multirun job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    trial_cfg = trial_from_dict(OmegaConf.to_container(cfg, resolve=True))
+    out = trial_cfg.output_dir or HydraConfig.get().runtime.output_dir
+    result = run_trial(trial_cfg, output_dir=out)
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k.startswith("val/"))
+    print(f"[saelab] layer {trial_cfg.layer} {trial_cfg.component}: {summary}")
+    print(f"[saelab] SAE saved to {result.sae_path}")
+    return result

@@ -1,0 +1,190 @@
+"""Real MLX training on small synthetic activations: sparse codes over a random
+dictionary plus an offset (so b_dec matters), stored as float16."""
+
+import numpy as np
+import pytest
+
+import saelab  # noqa: F401
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from saelab.config import SAEConfig
+from saelab.train import (Callback, StepConsts, StopTraining, TrainingDiverged, init_sae,
+                          lr_schedule, make_fast_step, reference_step, train_sae_on_arrays)
+
+D = 64
+META = {"model_name": "synthetic", "layer": 3, "component": "mlp"}
+
+
+def synthetic(n: int, seed: int, atoms: int = 256, active: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    dictionary = np.random.default_rng(99).normal(size=(atoms, D))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    codes = np.zeros((n, atoms))
+    chosen = np.argsort(rng.random((n, atoms)), axis=1)[:, :active]
+    np.put_along_axis(codes, chosen, rng.exponential(1.0, (n, active)), axis=1)
+    return (codes @ dictionary * 4 + 2.0).astype(np.float16)
+
+
+TRAIN, VAL = synthetic(6000, 0), synthetic(1000, 1)
+
+
+def small_cfg(**kw) -> SAEConfig:
+    base = dict(expansion_factor=8, k=8, batch_size=256, num_epochs=2, log_every=5,
+                dead_tokens_threshold=2000, learning_rate=3e-3)
+    return SAEConfig(**{**base, **kw})
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at=None):
+        self.logs, self.evals, self.started, self.ended, self.aborted = [], [], None, None, None
+        self.stop_at = stop_at
+
+    def on_start(self, config):
+        self.started = config
+
+    def on_log(self, step, metrics):
+        self.logs.append((step, metrics))
+
+    def on_eval(self, step, metrics):
+        self.evals.append((step, metrics))
+        if self.stop_at is not None and step >= self.stop_at:
+            raise StopTraining(f"pruned at {step}")
+
+    def on_end(self, metrics):
+        self.ended = metrics
+
+    def on_abort(self, reason):
+        self.aborted = reason
+
+
+@pytest.fixture(scope="module")
+def trained():
+    rec = Recorder()
+    sae, metrics = train_sae_on_arrays(TRAIN, VAL, small_cfg(), metadata=META, callbacks=[rec],
+                                       progress=False)
+    return sae, metrics, rec
+
+
+def test_loss_falls_and_metrics_named(trained):
+    sae, metrics, rec = trained
+    first, last = rec.logs[0][1], rec.logs[-1][1]
+    assert last["train/loss"] < 0.8 * first["train/loss"]
+    assert set(first) == {"train/loss", "train/recon_loss", "train/auxk_loss", "train/l1_loss",
+                          "train/l0", "train/dead_fraction", "train/learning_rate",
+                          "train/tokens"}
+    assert set(rec.evals[-1][1]) == {"val/loss", "val/mse", "val/nmse", "val/nmse_p99",
+                                     "val/explained_variance", "val/l0", "val/dead_fraction"}
+    assert 7 <= len(rec.evals) <= 9  # ~8 evaluations by default
+    assert rec.evals[-1][0] == 47 == metrics["train/steps"]  # ceil(2 * 6000 / 256)
+    assert metrics["val/nmse"] < 0.5
+    assert metrics["val/explained_variance"] == pytest.approx(1 - metrics["val/nmse"])
+    assert rec.ended == metrics and rec.aborted is None
+    assert rec.started["d_hidden"] == 512 and rec.started["layer"] == 3
+    assert sae.metadata["training_tokens"] == 47 * 256
+    assert sae.metadata["metrics"]["val/nmse"] == metrics["val/nmse"]
+
+
+def test_val_metrics_match_direct_computation(trained):
+    sae, metrics, _ = trained
+    x = mx.array(VAL.astype(np.float32))
+    err = np.array(mx.sum(mx.square(sae(x) - x), axis=1), dtype=np.float64)
+    xv = VAL.astype(np.float64)
+    nmse = err.sum() / np.sum((xv - xv.mean(0)) ** 2)
+    assert metrics["val/nmse"] == pytest.approx(nmse, rel=1e-3)
+    assert metrics["val/mse"] == pytest.approx(err.mean() / D, rel=1e-3)
+
+
+def test_decoder_unit_norm_and_exact_l0(trained):
+    sae, metrics, _ = trained
+    norms = np.linalg.norm(np.array(sae.W_dec), axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-5)
+    values, _ = sae.encode_topk(mx.array(VAL.astype(np.float32)))
+    assert (np.array(values > 0).sum(axis=1) == sae.k).all()
+    assert metrics["val/l0"] == sae.k
+
+
+def test_deterministic_for_fixed_seed():
+    cfg = small_cfg(num_epochs=1, auxk=True, dead_tokens_threshold=256)
+    a, _ = train_sae_on_arrays(TRAIN, VAL, cfg, metadata=META, progress=False)
+    b, _ = train_sae_on_arrays(TRAIN, VAL, cfg, metadata=META, progress=False)
+    c, _ = train_sae_on_arrays(TRAIN, VAL, small_cfg(num_epochs=1, seed=1), metadata=META,
+                               progress=False)
+    for (key, wa), (_, wb), (_, wc) in zip(*(tree_flatten(s.parameters()) for s in (a, b, c))):
+        assert np.array_equal(np.array(wa), np.array(wb)), key
+    assert not np.array_equal(np.array(a.W_enc), np.array(c.W_enc))
+
+
+def _one_step_state(cfg, dead: int):
+    sae = init_sae(TRAIN, cfg, META)
+    params = dict(sae.trainable_parameters())
+    tsf = np.zeros(sae.d_hidden, np.int32)
+    tsf[np.random.default_rng(0).choice(sae.d_hidden, dead, replace=False)] = 10**6
+    state = {"params": params, "m": {k: mx.zeros_like(p) for k, p in params.items()},
+             "v": {k: mx.zeros_like(p) for k, p in params.items()}, "tsf": mx.array(tsf)}
+    x = mx.array(TRAIN[:512].astype(np.float32)) * sae.input_scale
+    return sae, state, x
+
+
+@pytest.mark.parametrize("mode,dead,k_aux,tied,l1", [
+    ("segment", 0, None, False, 0.0), ("segment", 5, None, False, 1e-3),
+    ("scatter", 40, None, False, 0.0), ("dense", 100, 96, False, 0.0),
+    ("segment", 100, 96, True, 0.0), ("dense", 3, None, True, 1e-3)])
+def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1):
+    cfg = small_cfg(k_aux=k_aux, tied_weights=tied, l1_coefficient=l1, gradient_clip=0.05)
+    sae, state, x = _one_step_state(cfg, dead)
+    consts = StepConsts.from_config(cfg, D, sae.d_hidden, grad_mode=mode)
+    lr, t = mx.array(1e-3), mx.array(1.0)
+    ref_state, ref_out = reference_step(state, x, lr, t, dead, consts)
+    fast_state, fast_out = make_fast_step(consts)(state, x, lr, t, dead)
+    assert np.allclose(np.array(fast_out), np.array(ref_out), rtol=1e-4, atol=1e-6)
+    if dead:
+        assert float(ref_out[2]) > 0  # AuxK active
+    for part in ("params", "m"):
+        for key, ref in ref_state[part].items():
+            ref, got = np.array(ref), np.array(fast_state[part][key])
+            assert np.allclose(got, ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max()), (part, key)
+    assert np.array_equal(np.array(ref_state["tsf"]), np.array(fast_state["tsf"]))
+
+
+def test_divergence_raises_before_any_sae():
+    rec = Recorder()
+    with pytest.raises(TrainingDiverged, match="learning_rate"):
+        train_sae_on_arrays(TRAIN, VAL, small_cfg(learning_rate=1e10), metadata=META,
+                            callbacks=[rec], progress=False)
+    assert rec.aborted and "loss became" in rec.aborted and rec.ended is None
+
+
+def test_non_finite_data_rejected():
+    bad = TRAIN.copy()
+    bad[17, 3] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        train_sae_on_arrays(bad, VAL, small_cfg(), metadata=META, progress=False)
+
+
+def test_callback_can_stop_training():
+    rec = Recorder(stop_at=10)
+    with pytest.raises(StopTraining, match="pruned at"):
+        train_sae_on_arrays(TRAIN, VAL, small_cfg(eval_every=5), metadata=META,
+                            callbacks=[rec], progress=False)
+    assert [s for s, _ in rec.evals] == [5, 10] and rec.aborted == "pruned at 10"
+
+
+def test_train_tokens_budget_and_schedule():
+    cfg = small_cfg(train_tokens=1000, batch_size=100, warmup_steps=2, lr_decay="linear",
+                    min_lr_ratio=0.1, learning_rate=1.0)
+    lrs = lr_schedule(cfg, 10)
+    assert np.allclose(lrs[:3], [0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.1 + 0.9 / 8)
+    assert lr_schedule(small_cfg(lr_decay="constant", warmup_fraction=0.0), 5).tolist() == \
+        [3e-3] * 5
+    cos = lr_schedule(small_cfg(warmup_fraction=0.1), 100)
+    assert cos[9] == pytest.approx(3e-3) and cos.min() >= 3e-4 - 1e-12
+    _, m = train_sae_on_arrays(TRAIN[:300], VAL, cfg, metadata=META, progress=False)
+    assert m["train/steps"] == 10 and m["train/tokens"] == 1000  # cycles 300 rows
+
+
+def test_bad_inputs_rejected_early():
+    with pytest.raises(ValueError, match="k=1000"):
+        train_sae_on_arrays(TRAIN, VAL, small_cfg(k=1000, expansion_factor=1), metadata=META)
+    with pytest.raises(ValueError, match="train has shape"):
+        train_sae_on_arrays(TRAIN[0], VAL, small_cfg(), metadata=META)

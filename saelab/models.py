@@ -93,8 +93,15 @@ def _hub_path(name: str, **kwargs: Any) -> Path:
 
     try:
         return Path(snapshot_download(name, **kwargs))
-    except Exception as e:  # huggingface_hub raises a zoo of OSError/HTTP/validation errors
+    except _hub_errors() as e:
         raise _unavailable(name, e) from e
+
+
+def _hub_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub raises when a repo is unreachable, unknown or not cached offline."""
+    from huggingface_hub.errors import HFValidationError
+
+    return (OSError, HFValidationError)  # HTTP, offline and not-cached errors are all OSErrors
 
 
 def _unavailable(name: str, err: Exception) -> ModelUnavailableError:
@@ -152,7 +159,7 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, ModelInfo]:
     target = str(ensure_default_model(cfg.dtype)) if kind == "builtin" else name
     try:
         model, tokenizer = mlx_lm.load(target)
-    except Exception as e:
+    except _hub_errors() as e:
         if kind == "hub":
             raise _unavailable(name, e) from e
         raise

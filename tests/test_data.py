@@ -1,0 +1,186 @@
+"""Corpora (pydocs, files, hub) and document-bounded packing, on real files and the real tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import saelab  # noqa: F401  (before mlx)
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from saelab import data
+from saelab.config import DataConfig
+from saelab.models import ensure_default_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(ensure_default_model("float32")))
+
+
+@pytest.fixture(scope="module")
+def pydocs_texts():
+    return data.load_texts(DataConfig())
+
+
+def test_pydocs_is_a_large_real_english_corpus(pydocs_texts, tokenizer):
+    chars = sum(map(len, pydocs_texts))
+    assert len(pydocs_texts) > 500
+    assert chars > 1_500_000
+    assert all(len(t) >= 50 for t in pydocs_texts)
+    assert max(map(len, pydocs_texts)) <= data.PYDOCS_MAX_DOC_CHARS or \
+        all("\n\n" not in t for t in pydocs_texts if len(t) > data.PYDOCS_MAX_DOC_CHARS)
+    words = " ".join(pydocs_texts).lower().split()
+    assert words.count("the") > 10_000 and words.count("return") > 1_000
+    assert any("assert statement" in t.lower() for t in pydocs_texts)  # a language-reference topic
+    assert any("os.path" in t for t in pydocs_texts)  # a stdlib docstring
+    tokens = sum(map(len, tokenizer(pydocs_texts, add_special_tokens=False)["input_ids"]))
+    assert tokens > 400_000
+
+
+def test_pydocs_identity_is_deterministic_and_rebuilt_identically(tmp_path, monkeypatch):
+    first = data.pydocs_path()
+    ident = data.corpus_identity(DataConfig())
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
+    data.pydocs_path.cache_clear()
+    try:
+        rebuilt = data.pydocs_path()  # a fresh collection in a new interpreter
+        assert rebuilt.parent == tmp_path / "corpora"
+        assert rebuilt.name == first.name
+        assert rebuilt.read_bytes() == first.read_bytes()
+        assert data.corpus_identity(DataConfig()) == ident
+    finally:
+        data.pydocs_path.cache_clear()
+    assert data.corpus_identity(DataConfig(min_chars=51)) != ident
+
+
+def test_split_paragraphs_keeps_text_and_limit():
+    text = "\n\n".join(f"para {i} " + "x" * 30 for i in range(20))
+    chunks = data.split_paragraphs(text, 100)
+    assert all(len(c) <= 100 for c in chunks)
+    assert "\n\n".join(chunks) == text
+
+
+def _txt(path, blocks):
+    path.write_text("\n\n".join(blocks) + "\n")
+    return str(path)
+
+
+def test_files_txt_jsonl_json_parquet(tmp_path):
+    blocks = [f"Paragraph number {i} says something long enough to be kept as a document." for i in range(3)]
+    txt = _txt(tmp_path / "a.txt", blocks + ["short"])
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": f"JSON lines row {i} with enough characters to pass the "
+                                                 "minimum length."}) + "\n" for i in range(2)))
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps([{"body": "A JSON array row with enough characters to pass the minimum."}]))
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": ["A parquet row with enough characters to pass the minimum length.",
+                                      None]}), parquet)
+
+    assert data.load_texts(DataConfig(source="files", paths=[txt])) == blocks
+    cfg = DataConfig(source="files", paths=[str(jsonl), str(js), str(parquet)], text_field="body")
+    texts = data.load_texts(cfg)
+    assert [t.split()[0] for t in texts] == ["JSON", "JSON", "A", "A"]
+    assert texts[-1].startswith("A parquet row")
+    ident = data.corpus_identity(cfg)
+    assert ident == data.corpus_identity(cfg)
+    jsonl.write_text(jsonl.read_text().replace("row 1", "row one"))
+    assert data.corpus_identity(cfg) != ident  # content, not names, identifies files
+
+
+def test_files_bad_input_is_a_clear_value_error(tmp_path):
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match=r"data\.paths=.*nope\.txt.*existing, readable file"):
+        data.corpus_identity(DataConfig(source="files", paths=[missing]))
+    with pytest.raises(ValueError, match=r"data\.paths=.*nope\.txt"):
+        data.load_texts(DataConfig(source="files", paths=[missing]))
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"data\.paths=.*x\.csv.*\.txt, \.jsonl, \.json, \.parquet"):
+        data.load_texts(DataConfig(source="files", paths=[str(csv)]))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(os.urandom(256))
+    with pytest.raises(ValueError, match=r"data\.paths=.*broken\.parquet.*could not be read"):
+        data.load_texts(DataConfig(source="files", paths=[str(broken)]))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"content": "x" * 80}) + "\n")
+    with pytest.raises(ValueError, match=r"data\.text_field='text'.*\['content'\]"):
+        data.load_texts(DataConfig(source="files", paths=[str(rows)]))
+    with pytest.raises(ValueError, match=r"data\.min_chars=1000"):
+        data.load_texts(DataConfig(source="files", paths=[str(rows)], text_field="content",
+                                   min_chars=1000))
+
+
+def test_hub_unreachable_is_a_clear_error():
+    code = ("import saelab; from saelab.data import load_texts; from saelab.config import DataConfig\n"
+            "try:\n load_texts(DataConfig(source='hub', name='wikitext', subset='wikitext-2-raw-v1'))\n"
+            "except ValueError as e: print('VALUEERROR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120).stdout
+    assert "VALUEERROR data.name='wikitext'" in out
+    assert "data.source=pydocs" in out
+
+
+def _unmasked(packed, i):
+    return packed.tokens[i][packed.mask[i]]
+
+
+def test_packing_is_document_bounded_and_masks_bos_padding_specials(tokenizer):
+    texts = ["The first document is short.",
+             "The second document is a good deal longer. " * 30,
+             "A third one mentions <|im_end|> a special token in its text, and goes on a bit."]
+    packed = data.pack_documents(tokenizer, texts, context_length=32, max_tokens=10_000)
+    bos = tokenizer.bos_token_id
+    assert packed.tokens.dtype == np.int32 and packed.tokens.shape[1] == 32
+    assert (packed.tokens[:, 0] == bos).all() and not packed.mask[:, 0].any()
+    special = set(tokenizer.all_special_ids)
+    assert not any(t in special for t in packed.tokens[packed.mask])
+    for doc, text in enumerate(texts):
+        rows = np.flatnonzero(packed.doc_ids == doc)
+        assert len(rows) > 0 and (np.diff(rows) == 1).all()  # contiguous, one document each
+        got = np.concatenate([_unmasked(packed, i) for i in rows])
+        want = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t not in special]
+        assert got.tolist() == want
+    assert packed.n_tokens == packed.mask.sum() == len(packed.token_doc_ids())
+    # padding: the first document fits in one row, the rest of it is masked
+    first = np.flatnonzero(packed.doc_ids == 0)[0]
+    n_first = len(tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    assert packed.mask[first].sum() == n_first and not packed.mask[first, 1 + n_first:].any()
+
+
+def test_packing_stops_at_max_tokens(tokenizer, pydocs_texts):
+    packed = data.pack_documents(tokenizer, pydocs_texts, context_length=128, max_tokens=3001)
+    assert packed.n_tokens == 3001
+    assert len(np.unique(packed.doc_ids)) > 1
+    again = data.pack_documents(tokenizer, pydocs_texts, context_length=128, max_tokens=3001)
+    assert np.array_equal(again.tokens, packed.tokens) and np.array_equal(again.mask, packed.mask)
+
+
+def test_packing_without_bos():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "one", "two", "three"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    packed = data.pack_documents(tok, ["one two three one two", "three three"], context_length=4,
+                                 max_tokens=100)
+    assert packed.n_tokens == 7
+    assert packed.mask[:, 0].all()  # no BOS: the first position is data
+    rows = {doc: [packed.tokens[i][packed.mask[i]].tolist() for i in np.flatnonzero(packed.doc_ids == doc)]
+            for doc in (0, 1)}
+    assert rows == {0: [[2, 3, 4, 2], [3]], 1: [[4, 4]]}
+    assert (packed.tokens[~packed.mask] == vocab["[PAD]"]).all()
+
+
+def test_bad_context_length(tokenizer):
+    with pytest.raises(ValueError, match=r"data\.context_length=1"):
+        data.pack_documents(tokenizer, ["some text here"], context_length=1, max_tokens=10)

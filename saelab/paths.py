@@ -8,14 +8,15 @@ from pathlib import Path
 
 def cache_root() -> Path:
     """Model downloads and conversions: ``$SAELAB_CACHE`` or ``~/.cache/saelab``."""
-    root = Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab")).expanduser()
+    # an empty variable counts as unset (not as the current directory)
+    root = Path(os.environ.get("SAELAB_CACHE") or Path.home() / ".cache" / "saelab").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
 def outputs_root() -> Path:
     """Runs, studies and activation caches: ``$SAELAB_OUTPUTS`` or ``./outputs``."""
-    root = Path(os.environ.get("SAELAB_OUTPUTS", "outputs")).expanduser().resolve()
+    root = Path(os.environ.get("SAELAB_OUTPUTS") or "outputs").expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return root
 

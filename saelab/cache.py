@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from saelab.config import DataConfig, ModelConfig, canonical_component
@@ -101,11 +101,14 @@ class CacheEntry:
             self._splits[(validation_split, seed)] = (np.flatnonzero(~is_val), np.flatnonzero(is_val))
         return self._splits[(validation_split, seed)]
 
-    def take(self, idx: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-        """Rows ``idx`` as float32, converted chunk by chunk (no float16 copy of the whole)."""
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (sorted) as float32. Documents are contiguous, so ``idx`` is a few
+        long runs: copying run by run reads the memmap sequentially, ~3x faster than
+        fancy indexing, and makes no float16 copy of the whole."""
         out = np.empty((len(idx), self.d_model), dtype=np.float32)
-        for s in range(0, len(idx), chunk):
-            out[s:s + chunk] = self.acts[idx[s:s + chunk]]
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for s, e in zip(np.r_[0, breaks], np.r_[breaks, len(idx)]):
+            out[s:e] = self.acts[idx[s]:idx[e - 1] + 1]
         return out
 
     def arrays(self, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +180,7 @@ def open_entry(path: Path, key: str) -> Optional[CacheEntry]:
     full = (str(path), key) not in _VERIFIED
     try:
         manifest = _check(path, key, full)
-    except _Invalid as e:
+    except (_Invalid, KeyError, TypeError, AttributeError) as e:  # the latter: a malformed manifest
         log.warning("activation cache entry %s is invalid (%s); it will be rebuilt", path, e)
         return None
     _VERIFIED.add((str(path), key))
@@ -239,7 +242,11 @@ def ensure_activations(model_cfg: ModelConfig, data_cfg: DataConfig,
     held = [FileLock(str(locks / f"{j.key[:16]}.lock")) for j in sorted(missing, key=lambda j: j.key)]
     try:
         for lock in held:  # sorted order: no deadlock between workers wanting overlapping sets
-            lock.acquire()
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("waiting for another process capturing into %s", root)
+                lock.acquire()
         # another process may have captured some while we waited
         todo = []
         for j in missing:

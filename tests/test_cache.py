@@ -90,7 +90,7 @@ def test_a_missing_pair_is_captured_alone(built):
     assert got[(1, "mlp")].path == entries[(1, "mlp")].path
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "no_manifest"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_manifest", "bad_manifest"])
 def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, damage):
     data = DataConfig(max_tokens=1024, context_length=64)
     entry = cache.ensure_activations(MODEL, data, [(0, "mlp")], root=tmp_path)[(0, "mlp")]
@@ -107,8 +107,10 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, damage):
     elif damage == "truncate":
         with open(acts, "r+b") as f:
             f.truncate(acts.stat().st_size - 576 * 2)
-    else:
+    elif damage == "no_manifest":
         (path / "manifest.json").unlink()
+    else:
+        (path / "manifest.json").write_text(json.dumps({"key": key}))
     assert cache.open_entry(path, key) is None
     before = _stats()
     rebuilt = cache.ensure_activations(MODEL, data, [(0, "mlp")], root=tmp_path)[(0, "mlp")]

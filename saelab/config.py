@@ -245,6 +245,10 @@ class SAEConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+SAMPLERS = ("tpe", "nsga2", "random", "grid", "gp", "qmc")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
+
+
 @dataclass
 class StudyConfig:
     """An Optuna study over trial configs (used by ``saelab sweep`` / ``-m``)."""
@@ -287,6 +291,35 @@ class StudyConfig:
     params: dict[str, str] = field(default_factory=dict)
     """Search space: config key -> Hydra override grammar, e.g.
     ``sae.k: choice(16,32,64)``, ``sae.learning_rate: tag(log, interval(1e-4, 3e-3))``."""
+
+    heartbeat_interval: int = 10
+    """Seconds between a running trial's heartbeats in the storage; a trial
+    whose worker stops beating for ``grace_period`` is failed and retried."""
+
+    grace_period: int = 60
+    """Seconds without a heartbeat after which a running trial counts as dead
+    (a dead worker on this machine is detected at once, by its process id)."""
+
+    max_retry: int = 2
+    """Times a trial killed with its worker is re-run with the same params."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "study.name", self.name, "a non-empty study name")
+        _check(bool(self.storage), "study.storage", self.storage, "an Optuna storage URL")
+        _check(self.n_trials >= 1, "study.n_trials", self.n_trials, "an integer >= 1")
+        _check(self.n_jobs >= 1, "study.n_jobs", self.n_jobs, "an integer >= 1")
+        _check(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
+               "study.objectives", list(self.objectives), "one or more distinct metric names")
+        _check(self.sampler in SAMPLERS, "study.sampler", self.sampler, ", ".join(SAMPLERS))
+        _check(self.pruner in PRUNERS, "study.pruner", self.pruner, ", ".join(PRUNERS))
+        _check(0.0 < self.max_dead_fraction <= 1.0, "study.max_dead_fraction",
+               self.max_dead_fraction, "a fraction in (0, 1]")
+        _check(self.max_loss_ratio > 1.0, "study.max_loss_ratio", self.max_loss_ratio, "> 1")
+        _check(self.heartbeat_interval >= 1, "study.heartbeat_interval", self.heartbeat_interval,
+               "an integer >= 1 (seconds)")
+        _check(self.grace_period > self.heartbeat_interval, "study.grace_period",
+               self.grace_period, f"more than study.heartbeat_interval={self.heartbeat_interval}")
+        _check(self.max_retry >= 0, "study.max_retry", self.max_retry, "an integer >= 0")
 
 
 @dataclass

@@ -98,7 +98,8 @@ class CacheEntry:
                 f"{seed}:{d}".encode(), digest_size=8).digest())
             n_val = min(len(docs) - 1, max(1, round(validation_split * len(docs))))
             is_val = np.isin(self.doc_ids, np.asarray(order[:n_val], dtype=self.doc_ids.dtype))
-            self._splits[(validation_split, seed)] = (np.flatnonzero(~is_val), np.flatnonzero(is_val))
+            self._splits[(validation_split, seed)] = (np.flatnonzero(~is_val),
+                                                      np.flatnonzero(is_val))
         return self._splits[(validation_split, seed)]
 
     def take(self, idx: np.ndarray) -> np.ndarray:
@@ -155,7 +156,8 @@ def _check(path: Path, key: str, full: bool) -> dict[str, Any]:
     if manifest.get("key") != key:
         raise _Invalid("manifest key differs")
     n, d = manifest["n_tokens"], manifest["d_model"]
-    expect = {"acts.npy": ((n, d), np.dtype(STORAGE_DTYPE)), "doc_ids.npy": ((n,), np.dtype(np.int32))}
+    expect = {"acts.npy": ((n, d), np.dtype(STORAGE_DTYPE)),
+              "doc_ids.npy": ((n,), np.dtype(np.int32))}
     for name, (shape, dtype) in expect.items():
         f = path / name
         meta = manifest["files"].get(name, {})
@@ -223,7 +225,7 @@ def ensure_activations(model_cfg: ModelConfig, data_cfg: DataConfig,
         corpus_identity(data_cfg)  # validates data.paths before any model work
     info = model_info(model_cfg)
     for layer, _ in pairs:
-        if layer >= info.n_layers:
+        if not 0 <= layer < info.n_layers:
             raise ValueError(f"layer={layer} is not valid; allowed: 0..{info.n_layers - 1} "
                              f"({info.name} has {info.n_layers} layers)")
     root = Path(root) if root is not None else activation_cache_root()
@@ -239,7 +241,7 @@ def ensure_activations(model_cfg: ModelConfig, data_cfg: DataConfig,
         return entries
     locks = root / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
-    held = [FileLock(str(locks / f"{j.key[:16]}.lock")) for j in sorted(missing, key=lambda j: j.key)]
+    held = [FileLock(str(locks / f"{key[:16]}.lock")) for key in sorted(j.key for j in missing)]
     try:
         for lock in held:  # sorted order: no deadlock between workers wanting overlapping sets
             try:
@@ -304,8 +306,12 @@ def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Optional[Seque
                 tr = model.trace(mx.array(packed.tokens[s:s + batch_size]), capture=names)
                 rows = int(mask.sum())
                 for name, out in zip(names, outs):
-                    act = np.asarray(tr.activations[name].astype(mx.float16))
-                    out[pos:pos + rows] = act[mask]
+                    act = np.asarray(tr.activations[name].astype(mx.float16))[mask]
+                    if not np.isfinite(act).all():  # a float16 overflow would poison training
+                        peak = float(mx.abs(tr.activations[name]).max())
+                        raise RuntimeError(f"{name}: activations are not finite in float16 "
+                                           f"storage (max |x| = {peak:g} before the cast)")
+                    out[pos:pos + rows] = act
                 del tr
                 pos += rows
                 bar.update(rows)
@@ -328,6 +334,7 @@ def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Optional[Seque
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             _install(tmp, job.path)
+            _VERIFIED.add((str(job.path), job.key))  # its checksums were just computed from disk
         outs.clear()
         STATS.captures += 1
         log.info("captured %d tokens x %d activations in %.1f s (%.0f tokens/s)", n, len(jobs),

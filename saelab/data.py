@@ -44,8 +44,9 @@ characters (on paragraph boundaries), so the document-level split is fine-graine
 
 # Modules never imported while collecting docstrings: side effects on import
 # (antigravity opens a browser, this prints), GUI toolkits, and test suites.
-_PYDOCS_SKIP = ("antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib", "test", "tests",
-                "idle_test", "lib2to3", "ensurepip", "pydoc_data", "encodings", "xxlimited", "xxsubtype")
+_PYDOCS_SKIP = ("antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib", "test",
+                "tests", "idle_test", "lib2to3", "ensurepip", "pydoc_data", "encodings",
+                "xxlimited", "xxsubtype")
 
 
 def _collect_pydocs(skip: tuple[str, ...]) -> None:
@@ -75,7 +76,8 @@ def _collect_pydocs(skip: tuple[str, ...]) -> None:
         except BaseException:  # platform-specific or optional modules
             continue
         modules.append(top)
-        for info in pkgutil.walk_packages(getattr(mod, "__path__", []), top + ".", onerror=lambda _: None):
+        path = getattr(mod, "__path__", [])
+        for info in pkgutil.walk_packages(path, top + ".", onerror=lambda _: None):
             if public(info.name):
                 try:
                     importlib.import_module(info.name)
@@ -309,6 +311,18 @@ def _doc_order(texts: Sequence[str]) -> list[int]:
     return sorted(range(len(texts)), key=lambda i: (keys[i], i))
 
 
+def _pieces(hf: Any, texts: Sequence[str], body: int, batch_docs: int):
+    """(doc index, up to ``body`` of its tokens), in ``_doc_order``, tokenized in batches."""
+    order = _doc_order(texts)
+    for start in range(0, len(order), batch_docs):
+        ids = order[start:start + batch_docs]
+        encoded = hf([texts[i] for i in ids], add_special_tokens=False)["input_ids"]
+        for doc, toks in zip(ids, encoded):
+            toks = np.asarray(toks, dtype=np.int32)
+            for s in range(0, len(toks), body):
+                yield doc, toks[s:s + body]
+
+
 def pack_documents(tokenizer: Any, texts: Sequence[str], context_length: int, max_tokens: int,
                    batch_docs: int = 256) -> Packed:
     """Tokenize documents (in a fixed shuffled order) into sequences of ``context_length``.
@@ -321,48 +335,37 @@ def pack_documents(tokenizer: Any, texts: Sequence[str], context_length: int, ma
         raise ValueError(f"data.context_length={context_length} is not valid; allowed: >= 2")
     hf = _hf(tokenizer)
     bos = getattr(hf, "bos_token_id", None)
-    special = set(getattr(hf, "all_special_ids", None) or []) | ({bos} if bos is not None else set())
+    special = np.array(sorted(set(getattr(hf, "all_special_ids", None) or [])
+                              | ({bos} if bos is not None else set())), dtype=np.int32)
     pad = next((t for t in (getattr(hf, "pad_token_id", None), getattr(hf, "eos_token_id", None))
                 if t is not None), 0)
-    body = context_length - (bos is not None)
+    offset = int(bos is not None)
     rows: list[np.ndarray] = []
     ends: list[int] = []  # where each row's content ends (the pad id may be a real token)
     docs: list[int] = []
     remaining = max_tokens
-    order = _doc_order(texts)
-    for start in range(0, len(order), batch_docs):
-        ids = order[start:start + batch_docs]
-        encoded = hf([texts[i] for i in ids], add_special_tokens=False)["input_ids"]
-        for doc, toks in zip(ids, encoded):
-            toks = np.asarray(toks, dtype=np.int32)
-            for s in range(0, len(toks), body):
-                piece = toks[s:s + body]
-                keep = ~np.isin(piece, list(special)) if special else np.ones(len(piece), bool)
-                if keep.sum() > remaining:  # cut at the budget
-                    piece = piece[:int(np.searchsorted(np.cumsum(keep), remaining)) + 1]
-                    keep = keep[:len(piece)]
-                if not keep.any():
-                    continue
-                row = np.full(context_length, pad, dtype=np.int32)
-                if bos is not None:
-                    row[0] = bos
-                row[context_length - body:context_length - body + len(piece)] = piece
-                rows.append(row)
-                ends.append(context_length - body + len(piece))
-                docs.append(doc)
-                remaining -= int(keep.sum())
-                if remaining == 0:
-                    break
-            if remaining == 0:
-                break
+    for doc, piece in _pieces(hf, texts, context_length - offset, batch_docs):
+        keep = ~np.isin(piece, special)
+        if keep.sum() > remaining:  # cut at the budget
+            piece = piece[:int(np.searchsorted(np.cumsum(keep), remaining)) + 1]
+            keep = keep[:len(piece)]
+        if not keep.any():
+            continue
+        row = np.full(context_length, pad, dtype=np.int32)
+        if bos is not None:
+            row[0] = bos
+        row[offset:offset + len(piece)] = piece
+        rows.append(row)
+        ends.append(offset + len(piece))
+        docs.append(doc)
+        remaining -= int(keep.sum())
         if remaining == 0:
             break
     if not rows:
         raise ValueError("the corpus has no tokens to pack (after removing special tokens)")
     tokens = np.stack(rows)
     mask = np.arange(context_length)[None, :] < np.asarray(ends)[:, None]
-    if special:
-        mask &= ~np.isin(tokens, list(special))
+    mask &= ~np.isin(tokens, special)
     if remaining:
         log.info("corpus exhausted: packed %d tokens of the %d requested", max_tokens - remaining,
                  max_tokens)

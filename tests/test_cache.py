@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -51,7 +50,8 @@ def test_capture_writes_right_entries(built):
         assert m["key"].startswith(e.path.name)
         assert (m["layer"], m["component"], m["n_tokens"], m["d_model"]) == (layer, comp, 2048, 576)
         assert m["dtype"] == "float16" and m["format"] == cache.CACHE_FORMAT
-        assert m["max_tokens"] == 2048 and m["context_length"] == 64 and m["model_name"] == MODEL.name
+        assert (m["max_tokens"], m["context_length"]) == (2048, 64)
+        assert m["model_name"] == MODEL.name
         assert set(m["files"]) == {"acts.npy", "doc_ids.npy"}
         assert all(len(f["sha256"]) == 64 for f in m["files"].values())
         assert np.isfinite(e.acts).all() and np.abs(e.acts).max() > 0
@@ -142,10 +142,12 @@ def test_split_is_document_level_and_deterministic(built):
 def test_bad_input_fails_before_model_work(tmp_path):
     before = _stats()
     with pytest.raises(ValueError, match=r"data\.paths=.*missing\.txt"):
-        cache.ensure_activations(MODEL, DataConfig(source="files", paths=[str(tmp_path / "missing.txt")]),
-                                 [(1, "mlp")], root=tmp_path)
+        missing = DataConfig(source="files", paths=[str(tmp_path / "missing.txt")])
+        cache.ensure_activations(MODEL, missing, [(1, "mlp")], root=tmp_path)
     with pytest.raises(ValueError, match=r"layer=30 .*0\.\.29"):
         cache.ensure_activations(MODEL, DATA, [(30, "mlp")], root=tmp_path)
+    with pytest.raises(ValueError, match=r"layer=-1 "):
+        cache.ensure_activations(MODEL, DATA, [(-1, "mlp")], root=tmp_path)
     with pytest.raises(ValueError, match=r"component='mlpp'"):
         cache.ensure_activations(MODEL, DATA, [(1, "mlpp")], root=tmp_path)
     assert _stats() == before and not any(tmp_path.iterdir())
@@ -155,7 +157,8 @@ def test_texts_corpus(tmp_path):
     texts = [f"Document {i}: the quick brown fox jumps over the lazy dog, again and again." * 3
              for i in range(12)]
     data = DataConfig(max_tokens=500, context_length=32)
-    e = cache.ensure_activations(MODEL, data, [(0, "output")], root=tmp_path, texts=texts)[(0, "output")]
+    got = cache.ensure_activations(MODEL, data, [(0, "output")], root=tmp_path, texts=texts)
+    e = got[(0, "output")]
     assert e.n_tokens == 500 and e.manifest["data"]["source"] == "texts"
     other = cache.ensure_activations(MODEL, data, [(0, "output")], root=tmp_path, texts=texts[:6])
     assert other[(0, "output")].path != e.path
@@ -174,8 +177,8 @@ _WORKER = textwrap.dedent("""
 
 
 def test_two_processes_capture_once(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env={**os.environ})
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
              for _ in range(2)]
     outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)

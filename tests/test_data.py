@@ -1,4 +1,4 @@
-"""Corpora (pydocs, files, hub) and document-bounded packing, on real files and the real tokenizer."""
+"""Corpora (pydocs, files, hub) and document-bounded packing: real files, the real tokenizer."""
 
 from __future__ import annotations
 
@@ -73,15 +73,16 @@ def _txt(path, blocks):
 
 
 def test_files_txt_jsonl_json_parquet(tmp_path):
-    blocks = [f"Paragraph number {i} says something long enough to be kept as a document." for i in range(3)]
+    blocks = [f"Paragraph number {i} says something long enough to be kept as a document."
+              for i in range(3)]
     txt = _txt(tmp_path / "a.txt", blocks + ["short"])
     jsonl = tmp_path / "b.jsonl"
-    jsonl.write_text("".join(json.dumps({"body": f"JSON lines row {i} with enough characters to pass the "
-                                                 "minimum length."}) + "\n" for i in range(2)))
+    row = "JSON lines row {} with enough characters to pass the minimum length."
+    jsonl.write_text("".join(json.dumps({"body": row.format(i)}) + "\n" for i in range(2)))
     js = tmp_path / "c.json"
-    js.write_text(json.dumps([{"body": "A JSON array row with enough characters to pass the minimum."}]))
+    js.write_text(json.dumps([{"body": "A JSON array row with enough characters to pass it."}]))
     parquet = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"body": ["A parquet row with enough characters to pass the minimum length.",
+    pq.write_table(pa.table({"body": ["A parquet row with enough characters to pass the minimum.",
                                       None]}), parquet)
 
     assert data.load_texts(DataConfig(source="files", paths=[txt])) == blocks
@@ -103,7 +104,7 @@ def test_files_bad_input_is_a_clear_value_error(tmp_path):
         data.load_texts(DataConfig(source="files", paths=[missing]))
     csv = tmp_path / "x.csv"
     csv.write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"data\.paths=.*x\.csv.*\.txt, \.jsonl, \.json, \.parquet"):
+    with pytest.raises(ValueError, match=r"data\.paths=.*x\.csv.*\.txt, \.jsonl, \.json, \.parq"):
         data.load_texts(DataConfig(source="files", paths=[str(csv)]))
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(os.urandom(256))
@@ -119,8 +120,10 @@ def test_files_bad_input_is_a_clear_value_error(tmp_path):
 
 
 def test_hub_unreachable_is_a_clear_error():
-    code = ("import saelab; from saelab.data import load_texts; from saelab.config import DataConfig\n"
-            "try:\n load_texts(DataConfig(source='hub', name='wikitext', subset='wikitext-2-raw-v1'))\n"
+    code = ("import saelab; from saelab.data import load_texts\n"
+            "from saelab.config import DataConfig\n"
+            "cfg = DataConfig(source='hub', name='wikitext', subset='wikitext-2-raw-v1')\n"
+            "try:\n load_texts(cfg)\n"
             "except ValueError as e: print('VALUEERROR', e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -147,7 +150,8 @@ def test_packing_is_document_bounded_and_masks_bos_padding_specials(tokenizer):
         rows = np.flatnonzero(packed.doc_ids == doc)
         assert len(rows) > 0 and (np.diff(rows) == 1).all()  # contiguous, one document each
         got = np.concatenate([_unmasked(packed, i) for i in rows])
-        want = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t not in special]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        want = [t for t in ids if t not in special]
         assert got.tolist() == want
     assert packed.n_tokens == packed.mask.sum() == len(packed.token_doc_ids())
     # padding: the first document fits in one row, the rest of it is masked
@@ -175,7 +179,7 @@ def test_packing_without_bos():
                                  max_tokens=100)
     assert packed.n_tokens == 7
     assert packed.mask[:, 0].all()  # no BOS: the first position is data
-    rows = {doc: [packed.tokens[i][packed.mask[i]].tolist() for i in np.flatnonzero(packed.doc_ids == doc)]
+    rows = {doc: [_unmasked(packed, i).tolist() for i in np.flatnonzero(packed.doc_ids == doc)]
             for doc in (0, 1)}
     assert rows == {0: [[2, 3, 4, 2], [3]], 1: [[4, 4]]}
     assert (packed.tokens[~packed.mask] == vocab["[PAD]"]).all()

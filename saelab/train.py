@@ -154,6 +154,8 @@ class _Validator:
     def __init__(self, val: np.ndarray, scale: float):
         self.val, self.scale = val, scale
         norms = np.concatenate([np.linalg.norm(c, axis=1) for c in self._chunks()])
+        if not np.isfinite(norms).all():
+            raise ValueError("val contains non-finite values (NaN/inf); allowed: finite activations")
         self.p99 = norms <= np.quantile(norms, 0.99)
         mean = sum(c.sum(axis=0) for c in self._chunks()) / len(norms)
         mean_p99 = sum(c[m].sum(axis=0) for c, m in self._chunks(self.p99)) / self.p99.sum()

@@ -158,8 +158,11 @@ def test_divergence_raises_before_any_sae():
 def test_non_finite_data_rejected():
     bad = TRAIN.copy()
     bad[17, 3] = np.inf
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="train contains non-finite"):
         train_sae_on_arrays(bad, VAL, small_cfg(), metadata=META, progress=False)
+    with pytest.raises(ValueError, match="val contains non-finite"):
+        train_sae_on_arrays(TRAIN, bad[:1000] * np.float16(np.nan), small_cfg(), metadata=META,
+                            progress=False)
 
 
 def test_callback_can_stop_training():

@@ -204,12 +204,14 @@ class _Job:
 
 def ensure_activations(model_cfg: ModelConfig, data_cfg: DataConfig,
                        pairs: Iterable[tuple[int, str]], root: Optional[str | Path] = None,
-                       texts: Optional[Sequence[str]] = None,
-                       batch_size: int = 16) -> dict[tuple[int, str], CacheEntry]:
+                       texts: Optional[Sequence[str]] = None, batch_size: int = 16,
+                       model: Any = None) -> dict[tuple[int, str], CacheEntry]:
     """Cache entries for every (layer, component), capturing missing ones in one pass.
 
     ``texts`` replaces the configured corpus (the guide's ``dataset=texts``);
     ``data_cfg`` still gives ``max_tokens``, ``context_length`` and ``min_chars``.
+    ``model`` is an already loaded InterpretableModel of ``model_cfg`` to capture
+    with (the guide's ``model.train_sae``); otherwise it is loaded only if needed.
     """
     from saelab.models import model_info  # cheap: no weights are loaded
 
@@ -258,7 +260,7 @@ def ensure_activations(model_cfg: ModelConfig, data_cfg: DataConfig,
             else:
                 entries[j.pair] = e
         if todo:
-            _capture(model_cfg, data_cfg, texts, todo, batch_size)
+            _capture(model_cfg, data_cfg, texts, todo, batch_size, model)
             for j in todo:
                 e = open_entry(j.path, j.key)
                 if e is None:
@@ -277,7 +279,7 @@ def _npy_bytes_sha(path: Path) -> dict[str, Any]:
 
 
 def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Optional[Sequence[str]],
-             jobs: list[_Job], batch_size: int) -> None:
+             jobs: list[_Job], batch_size: int, model: Any = None) -> None:
     """Run the corpus through the model once and write every job's entry."""
     import mlx.core as mx
 
@@ -285,8 +287,9 @@ def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Optional[Seque
 
     source = data_cfg.source if texts is None else "texts"
     texts = texts if texts is not None else load_texts(data_cfg)
-    model = InterpretableModel(model_cfg.name, model_cfg.dtype)
-    STATS.model_loads += 1
+    if model is None:
+        model = InterpretableModel(model_cfg.name, model_cfg.dtype)
+        STATS.model_loads += 1
     packed = pack_documents(model.tokenizer, texts, data_cfg.context_length, data_cfg.max_tokens)
     n, d = packed.n_tokens, model.d_model
     names = [activation_name(*j.pair) for j in jobs]

@@ -242,3 +242,19 @@ class InterpretableModel:
             ids[i, :len(e)] = e
             mask[i, :len(e)] = True
         return mx.array(ids), mx.array(mask)
+
+    # -- the guide's SAE API (heavy imports stay inside) ----------------------
+    def train_sae(self, layer: int, dataset: Any, component: str = "mlp", config: Any = None,
+                  save_path: Optional[str] = None, **kwargs: Any):
+        """Train a TopK SAE on this model's ``layer``/``component`` activations of
+        ``dataset`` (list of strings or a ``datasets`` dataset); see
+        :func:`saelab.trial.train_sae` for the keyword options."""
+        from saelab.trial import train_sae
+
+        return train_sae(self, layer, dataset, component, config, save_path, **kwargs)
+
+    def load_sae(self, path: str):
+        """Load an SAE saved by ``sae.save(path)`` / ``train_sae(save_path=...)``."""
+        from saelab.sae import SAE
+
+        return SAE.load(path)

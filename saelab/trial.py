@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from saelab.config import TrialConfig, trial_from_dict
+from saelab.config import DataConfig, SAEConfig, TrialConfig, trial_from_dict
+from saelab.paths import outputs_root
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,11 @@ class TrialResult:
     history: list[dict[str, float]] = field(default_factory=list)
     """Validation metrics at each evaluation (with ``step`` and ``train/tokens``)."""
     wandb_run_dir: str | None = None
+    sae: Any = field(default=None, repr=False, compare=False)
+    """The trained SAE object (in-process callers; not serialized)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sae"}
 
 
 class HistoryCallback:
@@ -71,8 +77,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str | Path | None = None,
-              progress: bool = True) -> TrialResult:
-    """Capture (or reuse) activations, train one SAE, save it, return its metrics."""
+              progress: bool = True, *, sae_path: str | Path | None = None,
+              texts: Sequence[str] | None = None, model: Any = None) -> TrialResult:
+    """Capture (or reuse) activations, train one SAE, save it, return its metrics.
+
+    ``texts`` replaces the configured corpus and ``model`` is an already loaded
+    InterpretableModel (both for the guide's ``model.train_sae``)."""
     from saelab.cache import ensure_activations
     from saelab.train import train_sae_on_arrays
 
@@ -82,7 +92,8 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
     out.mkdir(parents=True, exist_ok=True)
 
     entry = ensure_activations(cfg.model, cfg.data, [(cfg.layer, cfg.component)],
-                               root=cfg.cache_dir)[(cfg.layer, cfg.component)]
+                               root=cfg.cache_dir, texts=texts,
+                               model=model)[(cfg.layer, cfg.component)]
     train, val = entry.arrays(cfg.sae.validation_split, cfg.data.split_seed)
     t_data = time.perf_counter()
 
@@ -113,8 +124,7 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
             wandb_cb.close()
     t_train = time.perf_counter()
 
-    sae_path = out / "sae.mlx"
-    sae.save(sae_path)
+    sae_path = sae.save(sae_path or out / "sae.mlx")
     t_end = time.perf_counter()
     train_s = t_train - t_data
     metrics = {
@@ -127,8 +137,9 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
     }
     result = TrialResult(metrics=metrics, sae_path=str(sae_path), output_dir=str(out),
                          history=history.history,
-                         wandb_run_dir=wandb_cb.run_dir if wandb_cb is not None else None)
-    _write_json(out / "metrics.json", asdict(result))
+                         wandb_run_dir=wandb_cb.run_dir if wandb_cb is not None else None,
+                         sae=sae)
+    _write_json(out / "metrics.json", result.to_dict())
     return result
 
 
@@ -144,3 +155,34 @@ def hydra_task(cfg) -> TrialResult:
     print(f"[saelab] layer {trial_cfg.layer} {trial_cfg.component}: {summary}")
     print(f"[saelab] SAE saved to {result.sae_path}")
     return result
+
+
+def train_sae(model: Any, layer: int, dataset: Any, component: str = "mlp",
+              config: SAEConfig | None = None, save_path: str | Path | None = None, *,
+              max_tokens: int | None = None, context_length: int = 128,
+              callbacks: Sequence[Any] = ()):
+    """The guide's ``model.train_sae``: texts -> cached activations -> trained SAE.
+
+    ``dataset`` is a list of strings or a ``datasets`` dataset with a ``text``
+    column. Activations go through the same content-addressed cache as sweeps,
+    so a second call on the same texts, layer and component skips the capture.
+    """
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset
+        if "text" not in dataset.column_names:
+            raise ValueError(f"dataset columns {dataset.column_names}: no 'text' column; allowed: "
+                             "a list of strings or a datasets dataset with a 'text' column")
+        dataset = dataset["text"]
+    texts = [t for t in dataset if isinstance(t, str)]
+    if not texts or len(texts) != len(dataset):
+        raise ValueError("dataset must be a non-empty list of strings (or a datasets dataset "
+                         "with a 'text' column)")
+    cfg = TrialConfig(
+        model=model.config, layer=layer, component=component,
+        data=DataConfig(source="pydocs", max_tokens=max_tokens or 10**12,
+                        context_length=context_length, min_chars=1),
+        sae=config or SAEConfig(),
+    )
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+    out = outputs_root() / "runs" / f"{stamp}-train_sae-l{layer}-{cfg.component}"
+    return run_trial(cfg, callbacks, output_dir=out, sae_path=save_path, texts=texts,
+                     model=model).sae

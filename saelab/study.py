@@ -337,7 +337,7 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, out
     else:
         metrics = {k: float(v) for k, v in outcome.metrics.items()}
         attrs.update(metrics=metrics, sae_path=outcome.sae_path, run_dir=outcome.output_dir,
-                     history=list(outcome.history) or list(history),
+                     history=list(history) or list(outcome.history),  # ours has train/tokens
                      wandb_run_dir=getattr(outcome, "wandb_run_dir", None),
                      constraints=[metrics.get(m, math.inf) - b for m, b in cfg.constraints.items()])
         missing = [o for o in cfg.objectives if o not in metrics]
@@ -350,7 +350,12 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, out
             state = TrialState.COMPLETE
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
-    frozen = study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+    try:
+        frozen = study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+    except RuntimeError as e:  # GridSampler calls study.stop() once the grid is covered
+        if "Study.stop" not in str(e):
+            raise
+        frozen = study._storage.get_trial(trial._trial_id)  # tell stores the trial regardless
     if missing:
         raise ValueError(f"study.objectives={list(cfg.objectives)} is not valid: {missing} are "
                          f"not metrics of a trial; allowed: {sorted(outcome.metrics)}")

@@ -1,0 +1,145 @@
+"""End-to-end sweeps: real `saelab sweep` subprocesses (Hydra + the saelab
+sweeper), real Optuna SQLite studies, real training on the default model.
+
+Trials are tiny (sweeps/smoke.yaml: 4k captured tokens, 20k token-steps) and
+all tests but the two-worker one share one activation cache, captured once.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from saelab import study as st
+from wandb_offline import read_run
+
+SEED_METRICS = {"train/loss", "train/recon_loss", "train/l0", "train/dead_fraction", "train/l1_loss",
+                "train/learning_rate", "val/loss", "val/l0", "val/dead_fraction"}
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("act_cache")
+
+
+def sweep_cmd(tmp: Path, name: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "saelab.cli", "sweep", "sweep=smoke", f"study.name={name}",
+            f"study.storage=sqlite:///{tmp}/optuna.db", *overrides]
+
+
+def sweep_env(tmp: Path, cache: Path) -> dict:
+    return {**os.environ, "SAELAB_OUTPUTS": str(tmp / "out"), "SAELAB_ACT_CACHE": str(cache),
+            "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+
+
+def run_sweep(tmp: Path, cache: Path, name: str, *overrides: str, check: bool = True):
+    p = subprocess.run(sweep_cmd(tmp, name, *overrides), cwd=tmp, env=sweep_env(tmp, cache),
+                       capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def load(tmp: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
+
+
+def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
+    run_sweep(tmp_path, shared_cache, "four", "study.n_trials=4")
+    study = load(tmp_path, "four")
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert study.user_attrs["objectives"] == ["val/nmse", "val/dead_fraction"]
+    for t in trials:
+        assert len(t.values) == 2 and set(t.params) == {"sae.k", "sae.learning_rate"}
+        a = t.user_attrs
+        assert a["metrics"]["val/nmse"] == t.values[0] and a["metrics"]["val/dead_fraction"] == t.values[1]
+        assert a["config"]["sae"]["k"] == t.params["sae.k"]
+        assert a["config"]["sae"]["learning_rate"] == pytest.approx(t.params["sae.learning_rate"])
+        assert Path(a["run_dir"]).name == f"trial_{t.number}" and Path(a["sae_path"]).exists()
+        assert a["history"] and all("train/tokens" in h and "val/nmse" in h for h in a["history"])
+        run = read_run(a["wandb_run_dir"])
+        logged = {k for h in run["history"] for k in h}
+        assert SEED_METRICS <= logged, SEED_METRICS - logged
+        assert run["config"]["wandb_group"] == "four"
+    summary = [d for d in (tmp_path / "out/wandb").glob("offline-run-*")
+               if d.name not in {Path(t.user_attrs["wandb_run_dir"]).name for t in trials}]
+    assert len(summary) == 1 and read_run(summary[0])["config"]["study"] == "four"
+    assert (tmp_path / "out/studies/four/optimization_results.yaml").exists()
+    assert st.trials_main(["four", "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
+    table = capsys.readouterr().out
+    assert "4 trials" in table and table.count("COMPLETE") == 4 and "*" in table
+
+
+def test_sigkill_then_resume_loses_nothing(tmp_path, shared_cache):
+    args = ("study.n_trials=3", "sae.train_tokens=60000")
+    proc = subprocess.Popen(sweep_cmd(tmp_path, "kill", *args), cwd=tmp_path,
+                            env=sweep_env(tmp_path, shared_cache), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # kill while trial 1 trains, after trial 0 finished
+            time.sleep(0.3)
+            if (tmp_path / "optuna.db").exists():
+                try:
+                    states = [t.state for t in load(tmp_path, "kill").trials]
+                except KeyError:
+                    continue
+                if states[:1] == [TrialState.COMPLETE] and TrialState.RUNNING in states:
+                    time.sleep(1.0)
+                    break
+        else:
+            pytest.fail("the sweep never reached its second trial")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {t.number: (t.params, t.values) for t in load(tmp_path, "kill").trials
+              if t.state == TrialState.COMPLETE}
+    killed = [t for t in load(tmp_path, "kill").trials if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+
+    run_sweep(tmp_path, shared_cache, "kill", *args)
+    trials = load(tmp_path, "kill").trials
+    after = {t.number: (t.params, t.values) for t in trials if t.state == TrialState.COMPLETE}
+    assert len(after) == 3 and all(after[n] == v for n, v in before.items())  # none lost or re-run
+    lost = trials[killed[0].number]
+    assert lost.state == TrialState.FAIL and "died" in lost.user_attrs["fail_reason"]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert len(retry) == 1 and retry[0].params == lost.params and retry[0].state == TrialState.COMPLETE
+
+
+def test_two_workers_share_the_study_and_capture_once(tmp_path):
+    cache = tmp_path / "fresh_cache"
+    run_sweep(tmp_path, cache, "two", "study.n_trials=4", "study.n_jobs=2", "sae.use_wandb=false")
+    trials = load(tmp_path, "two").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    workers = {t.system_attrs[st.WORKER_ATTR] for t in trials}
+    assert len(workers) == 2  # both processes ran trials
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 4
+    logs = "".join(f.read_text() for f in (tmp_path / "out/studies/two").glob("trial_*/*.log"))
+    assert logs.count("captured 4000 tokens") == 1  # one worker captured, the other reused it
+    assert (tmp_path / "out/studies/two/worker_1.log").stat().st_size > 0
+    assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 1
+
+
+def test_diverging_trial_is_recorded_and_the_study_continues(tmp_path, shared_cache):
+    run_sweep(tmp_path, shared_cache, "nan", "study.sampler=grid", "study.n_trials=2", "sae.k=32",
+              "sae.learning_rate=1e30,1e-3", "sae.use_wandb=false")
+    trials = {t.params["sae.learning_rate"]: t for t in load(tmp_path, "nan").trials}
+    bad, good = trials[1e30], trials[1e-3]
+    assert bad.state == TrialState.FAIL and bad.user_attrs["diverged"]
+    assert bad.user_attrs["fail_reason"].startswith("diverged: ")
+    assert good.state == TrialState.COMPLETE
+
+
+def test_bad_sweep_fails_before_any_trial(tmp_path, shared_cache):
+    p = run_sweep(tmp_path, shared_cache, "bad", "layer=choice(3,99)", check=False)
+    assert p.returncode != 0
+    assert "sweep point" in p.stderr and "layer=99" in p.stderr and "0..29" in p.stderr
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "out/studies").exists()

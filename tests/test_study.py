@@ -194,7 +194,8 @@ def test_records_and_table(tmp_path, capsys):
     for i, outcome in enumerate(outcomes):
         t = study.ask()
         t.suggest_categorical("sae.k", [16, 32, 64])
-        st.finish_trial(study, t, cfg, outcome, [{"step": 1}], {"layer": 10}, f"run{i}")
+        history = [] if i == 0 else [{"step": 1}]  # trial 0: the result's own history is kept
+        st.finish_trial(study, t, cfg, outcome, history, {"layer": 10}, f"run{i}")
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED] + \
         [TrialState.FAIL] * 2

@@ -17,17 +17,21 @@ at once when the worker ran on this machine, after ``grace_period`` otherwise.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import socket
+import sys
+import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import optuna
+from filelock import FileLock
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -180,6 +184,14 @@ def worker_alive(worker: str) -> Optional[bool]:
     return now is None or start == "None" or now == start
 
 
+def ask_lock(study: optuna.Study) -> FileLock:
+    """Held while counting and asking, so this machine's workers never overshoot n_trials."""
+    storage = study._storage
+    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", "")
+    digest = hashlib.sha1(f"{url}|{study.study_name}".encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"saelab-study-{digest}.lock"))
+
+
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     """Mark ``trial`` as run by this process."""
     study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
@@ -210,7 +222,6 @@ class Budget:
     pruned: int = 0
     failed: int = 0
     running: int = 0
-    retried: list[int] = field(default_factory=list)
 
     @property
     def used(self) -> int:
@@ -222,7 +233,7 @@ class Budget:
 def budget(study: optuna.Study) -> Budget:
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    b = Budget(retried=sorted(retried))
+    b = Budget()
     for t in trials:
         if t.state == TrialState.COMPLETE:
             b.complete += 1
@@ -253,7 +264,6 @@ class OptunaCallback(Callback):
         self.best_history, self.best_number = list(best_history), best_number
         self.history: list[dict] = []
         self.batch_size, self.warmup_steps = 1, 0
-        self.config: Optional[dict] = None
 
     def on_start(self, config: dict) -> None:
         self.batch_size = int(config.get("batch_size", 1))
@@ -338,8 +348,7 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, out
         metrics = {k: float(v) for k, v in outcome.metrics.items()}
         attrs.update(metrics=metrics, sae_path=outcome.sae_path, run_dir=outcome.output_dir,
                      history=list(history) or list(outcome.history),  # ours has train/tokens
-                     wandb_run_dir=getattr(outcome, "wandb_run_dir", None),
-                     constraints=[metrics.get(m, math.inf) - b for m, b in cfg.constraints.items()])
+                     wandb_run_dir=getattr(outcome, "wandb_run_dir", None))
         missing = [o for o in cfg.objectives if o not in metrics]
         values = [metrics.get(o) for o in cfg.objectives]
         if missing:
@@ -348,6 +357,10 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, out
             attrs["fail_reason"] = f"non-finite objective values {values}"
         else:
             state = TrialState.COMPLETE
+    # constraints_func also reads pruned trials: judge them by their last evaluation
+    seen = attrs.get("metrics") or (attrs["history"][-1] if attrs["history"] else {})
+    attrs["constraints"] = [seen[m] - b if _finite(seen.get(m)) else math.inf
+                            for m, b in cfg.constraints.items()]
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     try:
@@ -449,11 +462,19 @@ def trials_main(argv: Sequence[str]) -> int:
     p.add_argument("study", help="study name (study.name of the sweep)")
     p.add_argument("--storage", default=StudyConfig.storage, help="Optuna storage URL")
     args = p.parse_args(list(argv))
-    storage = open_storage(StudyConfig(name=args.study, storage=args.storage))
+    db = args.storage[len("sqlite:///"):] if args.storage.startswith("sqlite:///") else None
+    if db is not None and not Path(db).expanduser().is_file():  # don't create an empty database
+        print(f"saelab trials: --storage={args.storage!r}: no such database file", file=sys.stderr)
+        return 2
+    try:
+        storage = open_storage(StudyConfig(name=args.study, storage=args.storage))
+    except ValueError as e:
+        print(f"saelab trials: {e}", file=sys.stderr)
+        return 2
     names = optuna.get_all_study_names(storage)
     if args.study not in names:
         print(f"saelab trials: study {args.study!r} not in {args.storage}; allowed: "
-              f"{', '.join(names) or '(no studies)'}")
+              f"{', '.join(names) or '(no studies)'}", file=sys.stderr)
         return 2
     print_trials(optuna.load_study(study_name=args.study, storage=storage))
     return 0

@@ -204,6 +204,7 @@ def test_records_and_table(tmp_path, capsys):
     assert a["history"] == [{"step": 1, "val/nmse": 0.3}] and a["constraints"] == [-0.05]
     assert trials[3].user_attrs["prune_reason"] == "guard: too dead"
     assert trials[3].user_attrs["history"] == [{"step": 1}]
+    assert trials[3].user_attrs["constraints"] == [float("inf")]  # unknown: infeasible
     assert trials[4].user_attrs["diverged"] and "nan" in trials[4].user_attrs["fail_reason"]
     assert trials[5].user_attrs["fail_reason"].startswith("RuntimeError: boom")
     cols, rows = st.trial_rows(study)
@@ -216,4 +217,6 @@ def test_records_and_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "study t: 7 trials" in out and "guard: too dead" in out and "PRUNED" in out
     assert st.trials_main(["nope", "--storage", cfg.storage]) == 2
-    assert "'nope' not in" in capsys.readouterr().out
+    assert "'nope' not in" in capsys.readouterr().err
+    assert st.trials_main(["t", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert "no such database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()

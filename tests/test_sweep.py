@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from saelab import study as st
+from saelab.config import StudyConfig
 from wandb_offline import read_run
 
 SEED_METRICS = {"train/loss", "train/recon_loss", "train/l0", "train/dead_fraction", "train/l1_loss",
@@ -28,9 +29,9 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("act_cache")
 
 
-def sweep_cmd(tmp: Path, name: str, *overrides: str) -> list[str]:
+def sweep_cmd(tmp: Path, name: str, *overrides: str, storage: str = "") -> list[str]:
     return [sys.executable, "-m", "saelab.cli", "sweep", "sweep=smoke", f"study.name={name}",
-            f"study.storage=sqlite:///{tmp}/optuna.db", *overrides]
+            f"study.storage={storage or f'sqlite:///{tmp}/optuna.db'}", *overrides]
 
 
 def sweep_env(tmp: Path, cache: Path) -> dict:
@@ -38,15 +39,18 @@ def sweep_env(tmp: Path, cache: Path) -> dict:
             "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
 
 
-def run_sweep(tmp: Path, cache: Path, name: str, *overrides: str, check: bool = True):
-    p = subprocess.run(sweep_cmd(tmp, name, *overrides), cwd=tmp, env=sweep_env(tmp, cache),
+def run_sweep(tmp: Path, cache: Path, name: str, *overrides: str, check: bool = True,
+              storage: str = ""):
+    p = subprocess.run(sweep_cmd(tmp, name, *overrides, storage=storage), cwd=tmp, env=sweep_env(tmp, cache),
                        capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
-def load(tmp: Path, name: str) -> optuna.Study:
+def load(tmp: Path, name: str, storage: str = "") -> optuna.Study:
+    if storage:
+        return st.open_study(StudyConfig(name=name, storage=storage))
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
 
 
@@ -129,9 +133,10 @@ def test_two_workers_share_the_study_and_capture_once(tmp_path):
 
 
 def test_diverging_trial_is_recorded_and_the_study_continues(tmp_path, shared_cache):
+    journal = f"journal:///{tmp_path}/journal/optuna.log"  # the journal storage, end to end
     run_sweep(tmp_path, shared_cache, "nan", "study.sampler=grid", "study.n_trials=2", "sae.k=32",
-              "sae.learning_rate=1e30,1e-3", "sae.use_wandb=false")
-    trials = {t.params["sae.learning_rate"]: t for t in load(tmp_path, "nan").trials}
+              "sae.learning_rate=1e30,1e-3", "sae.use_wandb=false", storage=journal)
+    trials = {t.params["sae.learning_rate"]: t for t in load(tmp_path, "nan", journal).trials}
     bad, good = trials[1e30], trials[1e-3]
     assert bad.state == TrialState.FAIL and bad.user_attrs["diverged"]
     assert bad.user_attrs["fail_reason"].startswith("diverged: ")

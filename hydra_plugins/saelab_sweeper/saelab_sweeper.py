@@ -15,14 +15,13 @@ Module-level imports stay light: Hydra imports every plugin module on each start
 # No `from __future__ import annotations`: Hydra executes plugin modules outside
 # sys.modules, where dataclasses cannot resolve string annotations.
 import copy
-import hashlib
 import itertools
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,11 +276,9 @@ class SaelabSweeper(Sweeper):
         except Exception:  # noqa: BLE001  (hydra-only interpolations resolve per job)
             return with_hydra
 
-    def sweep(self, arguments: List[str]) -> Any:
-        from filelock import FileLock
-
-        from saelab import study as st
-        from saelab import trial as tr
+    def plan(self, arguments: Sequence[str]) -> tuple[dict, Any, SearchSpace, Optional[dict], int]:
+        """Everything checked before a study exists: (task config, StudyConfig,
+        search space, grid or None, trials wanted). Raises ValueError."""
         from saelab.config import trial_from_dict
 
         task = self._task_dict()
@@ -289,38 +286,36 @@ class SaelabSweeper(Sweeper):
         space = parse_search_space(scfg.params, arguments)
         groups = list(OmegaConf.to_container(self.config.hydra.runtime.choices).keys())
         checked = validate_search_space(task, space, groups)
-        grid = grid_of(space) if scfg.sampler == "grid" else None
+        if space.distributions:  # one composition through Hydra catches schema/type errors
+            first = {k: corner_values(d)[0] for k, d in space.distributions.items()}
+            self.validate_batch_is_legal([space.fixed + [f"{k}={format_value(v)}"
+                                                         for k, v in first.items()]])
         if scfg.sampler == "gp":
             try:
                 import torch  # noqa: F401
             except ImportError as e:
                 raise ValueError("study.sampler='gp' needs PyTorch (pip install torch); allowed "
                                  "without it: tpe, nsga2, random, grid, qmc") from e
-        n_trials = scfg.n_trials
-        if grid is not None:
-            size = 1
-            for v in grid.values():
-                size *= len(v)
-            n_trials = min(n_trials, size)
+        grid = grid_of(space) if scfg.sampler == "grid" else None
+        n_trials = min(scfg.n_trials, math.prod(map(len, grid.values()))) if grid else scfg.n_trials
+        log.info("study %s in %s: %d params (%d corner points valid), %d trials",
+                 scfg.name, scfg.storage, len(space.distributions), checked, n_trials)
+        return task, scfg, space, grid, n_trials
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from saelab import study as st
+        from saelab import trial as tr
+
+        task, scfg, space, grid, n_trials = self.plan(arguments)
         worker = int(os.environ.get(WORKER_ENV, "0"))
         study = st.open_study(scfg)
         study.sampler = st.make_sampler(scfg, grid, seed_offset=7919 * worker + len(study.trials))
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        log.info("study %s in %s: %d params (%d corner points valid), %d trials, worker %d",
-                 scfg.name, scfg.storage, len(space.distributions), checked, n_trials, worker)
         if st.callback_factory not in tr.CALLBACK_FACTORIES:
             tr.CALLBACK_FACTORIES.append(st.callback_factory)
-        if space.distributions:  # one composition through Hydra catches schema/type errors early
-            first = {k: corner_values(d)[0] for k, d in space.distributions.items()}
-            self.validate_batch_is_legal([space.fixed + [f"{k}={format_value(v)}"
-                                                         for k, v in first.items()]])
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         procs = spawn_workers(scfg.n_jobs - 1, sweep_dir) if worker == 0 and scfg.n_jobs > 1 else []
-        url = getattr(study._storage, "url", None) or getattr(
-            getattr(study._storage, "_backend", None), "url", scfg.storage)
-        lock = FileLock(str(Path(tempfile.gettempdir()) / ("saelab-study-" + hashlib.sha1(
-            f"{url}|{scfg.name}".encode()).hexdigest()[:16] + ".lock")))
         try:
-            self._loop(study, scfg, space, n_trials, lock)
+            self._loop(study, scfg, space, n_trials, st.ask_lock(study))
         finally:
             for p in procs:
                 if p.wait() != 0:

@@ -1,0 +1,289 @@
+"""A study's report: plotly figures and one self-contained ``report.html``.
+
+``report_figures`` returns the figures by name (the study-summary W&B run logs
+them as they are); ``write_report`` puts them in one HTML file with plotly.js
+inlined once, so it opens offline. Figures come from ``optuna.visualization``
+where it fits (Pareto front, optimization history, parameter importances) and
+from the trials' records otherwise (metrics, configs, validation histories).
+A figure that cannot be made for this study (too few trials, a single value
+of every parameter) becomes a note instead of an error.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+from plotly.subplots import make_subplots
+
+NMSE, DEAD, L0 = "val/nmse", "val/dead_fraction", "val/l0"
+TABLE_METRICS = (NMSE, "val/nmse_p99", "val/explained_variance", L0, DEAD, "time/wall_s")
+LAYOUT = dict(template="plotly_white", height=460, margin=dict(l=60, r=30, t=60, b=50))
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _objectives(study: optuna.Study) -> list[str]:
+    return list(study.user_attrs.get("objectives") or
+                [f"value_{i}" for i in range(len(study.directions))])
+
+
+def _metric(t: FrozenTrial, name: str) -> Optional[float]:
+    v = t.user_attrs.get("metrics", {}).get(name)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _cfg(t: FrozenTrial, *keys: str) -> Any:
+    node: Any = t.user_attrs.get("config", {})
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def _hover(t: FrozenTrial) -> str:
+    params = "<br>".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in t.params.items())
+    return f"trial {t.number}<br>{params}"
+
+
+def _scatter(trials: Sequence[FrozenTrial], x: Callable[[FrozenTrial], Any], y: str, *,
+             title: str, x_title: str, group: Callable[[FrozenTrial], Any],
+             group_name: str, exported: set[int]) -> go.Figure:
+    """``y`` metric against ``x(trial)``, one trace per ``group(trial)`` value;
+    exported trials get a ring."""
+    fig = go.Figure()
+    points = [(t, x(t), _metric(t, y)) for t in trials]
+    points = [p for p in points if p[1] is not None and p[2] is not None]
+    for g in sorted({group(t) for t, _, _ in points}, key=str):
+        sel = [p for p in points if group(p[0]) == g]
+        fig.add_trace(go.Scatter(
+            x=[p[1] for p in sel], y=[p[2] for p in sel], mode="markers", name=f"{group_name} {g}",
+            text=[_hover(p[0]) for p in sel], hovertemplate="%{text}<br>%{x}, %{y:.4g}<extra></extra>",
+            marker=dict(size=[14 if p[0].number in exported else 9 for p in sel],
+                        line=dict(width=[2.5 if p[0].number in exported else 0 for p in sel],
+                                  color="black"))))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y, legend_title=group_name,
+                      **LAYOUT)
+    xs = [p[1] for p in points if isinstance(p[1], (int, float))]
+    if xs and min(xs) > 0 and max(xs) / min(xs) >= 4:
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def _pareto(study: optuna.Study, trials: list[FrozenTrial], exported: set[int]) -> go.Figure:
+    """The first two objectives with the Pareto set (``study.best_trials``) joined
+    up; a single-objective study shows normalized MSE vs dead fraction instead.
+    Drawn here rather than with ``plot_pareto_front``, whose hover text holds
+    every trial's full user attributes (histories, configs): megabytes per study."""
+    objectives = _objectives(study)
+    if len(objectives) >= 2:
+        names, front = objectives[:2], {t.number for t in study.best_trials}
+        value = lambda t, i: t.values[i]  # noqa: E731
+        title = f"Pareto front: {names[0]} vs {names[1]} (minimized)"
+        if len(objectives) > 2:
+            title += f"; 2 of {len(objectives)} objectives"
+    else:
+        names, front = [NMSE, DEAD], set()
+        value = lambda t, i: _metric(t, names[i])  # noqa: E731
+        title = f"{NMSE} vs {DEAD} (single-objective study: {objectives[0]})"
+    pts = [(t, value(t, 0), value(t, 1)) for t in trials]
+    pts = [p for p in pts if p[1] is not None and p[2] is not None]
+    fig = go.Figure()
+    for label, sel, color in (("other trials", [p for p in pts if p[0].number not in front], "#8a94a6"),
+                              ("Pareto set", sorted((p for p in pts if p[0].number in front),
+                                                    key=lambda p: p[1]), "#d62728")):
+        if not sel:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[p[1] for p in sel], y=[p[2] for p in sel], name=label,
+            mode="lines+markers+text" if label == "Pareto set" else "markers",
+            line=dict(color=color, dash="dot", shape="hv"), text=[f"#{p[0].number}" for p in sel],
+            textposition="top right", hovertext=[_hover(p[0]) for p in sel],
+            hovertemplate="%{hovertext}<br>%{x:.4g}, %{y:.4g}<extra></extra>",
+            marker=dict(color=color, size=[14 if p[0].number in exported else 10 for p in sel],
+                        line=dict(width=[2.5 if p[0].number in exported else 0 for p in sel],
+                                  color="black"))))
+    fig.update_layout(title=title + " — ringed: exported", xaxis_title=names[0],
+                      yaxis_title=names[1], **LAYOUT)
+    return fig
+
+
+def _importances(study: optuna.Study, trials: list[FrozenTrial]) -> tuple[Optional[go.Figure], str]:
+    varied = [p for p in {p for t in trials for p in t.params}
+              if len({repr(t.params.get(p)) for t in trials}) > 1]
+    if len(trials) < 2 or not varied:
+        return None, (f"Parameter importances need at least 2 finished trials with some "
+                      f"parameter taking 2 values (here: {len(trials)} finished, varied "
+                      f"parameters: {', '.join(varied) or 'none'}).")
+    try:
+        with warnings.catch_warnings():  # PED-ANOVA's reminder that it ranks by low values
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
+            fig = optuna.visualization.plot_param_importances(study)
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        return None, f"Parameter importances could not be computed: {e}"
+    fig.update_layout(title=f"Parameter importances (Optuna's default evaluator, "
+                      f"{len(trials)} finished trials: few trials make them noisy)")
+    names = _objectives(study)
+    for i, trace in enumerate(fig.data):  # "Objective Value i" -> the metric's name
+        if len(fig.data) == len(names) > 1:
+            trace.name = names[i]
+    fig.update_layout(**LAYOUT)
+    return fig, ""
+
+
+def _curves(trials: Sequence[FrozenTrial]) -> Optional[go.Figure]:
+    if not any(t.user_attrs.get("history") for t in trials):
+        return None
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(NMSE, DEAD), horizontal_spacing=0.1)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+               "#17becf", "#bcbd22", "#7f7f7f"]
+    for i, t in enumerate(trials):
+        hist = t.user_attrs.get("history") or []
+        x = [h.get("train/tokens", h.get("step")) for h in hist]
+        for col, key in ((1, NMSE), (2, DEAD)):
+            fig.add_trace(go.Scatter(
+                x=x, y=[h.get(key) for h in hist], mode="lines+markers", name=f"trial {t.number}",
+                legendgroup=str(t.number), showlegend=col == 1,
+                line=dict(color=palette[i % len(palette)])), row=1, col=col)
+    fig.update_xaxes(title_text="training tokens")
+    fig.update_layout(title="Validation curves of the exported trials", **LAYOUT)
+    return fig
+
+
+def _figures(study: optuna.Study, trials: Sequence[FrozenTrial]
+             ) -> tuple[dict[str, go.Figure], dict[str, str]]:
+    """(figures by name, notes by name for figures that could not be made)."""
+    done = _complete(study)
+    exported = {t.number for t in trials}
+    figs: dict[str, go.Figure] = {}
+    notes: dict[str, str] = {}
+    if not done:
+        return figs, {"study": f"Study {study.study_name!r} has no finished trial yet."}
+    figs["pareto_front"] = _pareto(study, done, exported)
+    expansion = lambda t: _cfg(t, "sae", "expansion_factor")  # noqa: E731
+    figs["nmse_vs_l0"] = _scatter(done, lambda t: _metric(t, L0), NMSE, x_title="L0 (measured; k)",
+                                  title="Normalized MSE vs L0", group=expansion,
+                                  group_name="expansion", exported=exported)
+    figs["nmse_vs_expansion"] = _scatter(done, expansion, NMSE, x_title="expansion factor",
+                                         title="Normalized MSE vs expansion factor",
+                                         group=lambda t: _cfg(t, "sae", "k"), group_name="k",
+                                         exported=exported)
+    figs["layers_components"] = _scatter(done, lambda t: _cfg(t, "layer"), NMSE, x_title="layer",
+                                         title="Normalized MSE per layer and component",
+                                         group=lambda t: _cfg(t, "component"),
+                                         group_name="component", exported=exported)
+    for i, name in enumerate(_objectives(study)):
+        fig = optuna.visualization.plot_optimization_history(
+            study, target=lambda t, i=i: t.values[i], target_name=name)
+        fig.update_layout(title=f"Optimization history: {name}", **LAYOUT)
+        figs[f"optimization_history/{name}"] = fig
+    fig, note = _importances(study, done)
+    if fig is not None:
+        figs["param_importances"] = fig
+    else:
+        notes["param_importances"] = note
+    curves = _curves(trials)
+    if curves is not None:
+        figs["training_curves"] = curves
+    else:
+        notes["training_curves"] = "The exported trials have no validation history."
+    return figs, notes
+
+
+def report_figures(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, go.Figure]:
+    """The report's plotly figures by name (e.g. for ``wandb.log({name: fig})``);
+    ``trials`` are the highlighted/exported ones (their training curves are drawn)."""
+    return _figures(study, trials)[0]
+
+
+SECTIONS = (
+    ("pareto_front", "Pareto front"),
+    ("nmse_vs_l0", "Reconstruction vs sparsity"),
+    ("nmse_vs_expansion", "Reconstruction vs width"),
+    ("layers_components", "Layers and components"),
+    ("optimization_history", "Optimization history"),
+    ("param_importances", "Parameter importances"),
+    ("training_curves", "Training curves of the exported trials"),
+)
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1150px;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:4px 8px;
+text-align:right}th{background:#f3f3f3}.note{color:#8a5a00;background:#fff7e6;padding:8px}"""
+
+
+def _table(study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:
+    params = sorted({p for t in trials for p in t.params})
+    metrics = [m for m in dict.fromkeys([*_objectives(study), *TABLE_METRICS])
+               if any(_metric(t, m) is not None for t in trials)]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["trial", *params, *metrics])
+    fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in
+                         [t.number, *(t.params.get(p) for p in params),
+                          *(_metric(t, m) for m in metrics)]) + "</tr>" for t in trials)
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def render_report(study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:
+    """The whole report as one HTML string (plotly.js inlined once, no network)."""
+    from plotly.offline import get_plotlyjs
+
+    figs, notes = _figures(study, trials)
+    all_trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in all_trials) for s in TrialState}
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in states.items() if n)
+    body = [f"<h1>Study <code>{html.escape(study.study_name)}</code></h1>",
+            f"<p>{len(all_trials)} trials ({counts}). Objectives, minimized: "
+            f"{html.escape(', '.join(_objectives(study)))}.</p>"]
+    if "study" in notes:
+        body.append(f"<p class=note>{html.escape(notes['study'])}</p>")
+    if trials:
+        body += [f"<h2>Exported trials</h2>", _table(study, trials)]
+    config = {"responsive": True, "displaylogo": False}
+    for key, title in SECTIONS:
+        names = [n for n in figs if n == key or n.startswith(key + "/")]
+        if not names and key not in notes:
+            continue
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        if key in notes:
+            body.append(f"<p class=note>{html.escape(notes[key])}</p>")
+        body += [figs[n].to_html(full_html=False, include_plotlyjs=False, config=config,
+                                 div_id=re.sub(r"\W", "_", n)) for n in names]
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+            f"<title>saelab study {html.escape(study.study_name)}</title>"
+            f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script>"
+            "</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(study: optuna.Study, out_path: str | os.PathLike,
+                 trials: Optional[Sequence[FrozenTrial]] = None) -> Path:
+    """Write ``report.html`` atomically. ``trials`` default to what ``saelab export``
+    would pick (the Pareto set, or the top trials of a single-objective study)."""
+    if trials is None:
+        from saelab.export import select_trials
+
+        trials = select_trials(study)[0] if _complete(study) else []
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(render_report(study, trials))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report private to its writer
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return out

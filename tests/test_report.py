@@ -1,0 +1,95 @@
+"""report.html and the report's figures, on the real smoke study of test_export.py;
+the page is opened in headless Chromium (skipped where it is not installed)."""
+
+import re
+import shutil
+import subprocess
+
+import optuna
+import plotly.graph_objects as go
+import pytest
+from optuna.trial import TrialState
+
+from saelab.report import report_figures, write_report
+from test_export import single_objective_copy, smoke_study
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return smoke_study(tmp_path_factory)
+
+
+def test_figures_show_the_study(smoke):
+    study = smoke.load()
+    pareto = sorted(study.best_trials, key=lambda t: t.number)
+    figs = report_figures(study, pareto)
+    assert set(figs) == {"pareto_front", "nmse_vs_l0", "nmse_vs_expansion", "layers_components",
+                         "optimization_history/val/nmse", "optimization_history/val/dead_fraction",
+                         "param_importances", "training_curves"}
+    assert all(isinstance(f, go.Figure) for f in figs.values())
+
+    front = next(t for t in figs["pareto_front"].data if t.name == "Pareto set")
+    assert list(front.text) == [f"#{t.number}" for t in sorted(pareto, key=lambda t: t.values[0])]
+    assert sorted(front.x) == sorted(t.values[0] for t in pareto)
+    n_points = sum(len(t.x) for t in figs["pareto_front"].data)
+    assert n_points == len(study.get_trials(states=(TrialState.COMPLETE,)))
+
+    curves = figs["training_curves"].data
+    assert len(curves) == 2 * len(pareto)  # nmse and dead fraction per exported trial
+    hist = pareto[0].user_attrs["history"]
+    assert list(curves[0].y) == [h["val/nmse"] for h in hist]
+    assert list(curves[0].x) == [h["train/tokens"] for h in hist]
+    assert {t.name for t in figs["param_importances"].data} == {"val/nmse", "val/dead_fraction"}
+    l0 = [x for t in figs["nmse_vs_l0"].data for x in t.x]
+    assert sorted(l0) == sorted(t.user_attrs["metrics"]["val/l0"] for t in study.trials)
+
+
+def test_too_few_trials_give_notes_not_errors(smoke, tmp_path):
+    src = smoke.load()
+    one = optuna.create_study(study_name="one_trial", storage=smoke.storage, direction="minimize")
+    one.set_user_attr("objectives", ["val/nmse"])
+    t = src.trials[0]
+    one.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                            value=t.user_attrs["metrics"]["val/nmse"],
+                                            user_attrs=t.user_attrs))
+    figs = report_figures(one, one.trials)
+    assert "param_importances" not in figs and "pareto_front" in figs
+    page = write_report(one, tmp_path / "one.html").read_text()
+    assert "Parameter importances need at least 2 finished trials" in page
+
+    empty = optuna.create_study(study_name="empty", storage=smoke.storage)
+    assert report_figures(empty, []) == {}
+    assert "has no finished trial yet" in write_report(empty, tmp_path / "empty.html").read_text()
+
+    single = single_objective_copy(smoke, "single_report")
+    figs = report_figures(single, single.trials[:1])
+    assert "single-objective" in figs["pareto_front"].layout.title.text
+
+
+def test_report_renders_offline_in_chromium(smoke, tmp_path):
+    study = smoke.load()
+    path = write_report(study, tmp_path / "report.html")  # default trials: the Pareto set
+    page = path.read_text()
+    assert not re.search(r"<script[^>]+src=", page)  # plotly.js inline, nothing fetched
+    assert page.count("Plotly.newPlot") == 8
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+             "--window-size=1200,5200", "--virtual-time-budget=15000"]
+    dom = subprocess.run([*flags, "--dump-dom", path.as_uri()], capture_output=True, text=True,
+                         timeout=180)
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    assert dom.stdout.count('class="plot-container plotly"') == 8, dom.stdout[-2000:]
+    assert dom.stdout.count('class="main-svg"') >= 16  # each plot draws its svg layers
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
+
+    png = tmp_path / "report.png"
+    shot = subprocess.run([*flags, f"--screenshot={png}", path.as_uri()], capture_output=True,
+                          text=True, timeout=180)
+    assert shot.returncode == 0 and png.stat().st_size > 50_000, shot.stderr[-3000:]

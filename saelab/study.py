@@ -263,17 +263,20 @@ class OptunaCallback(Callback):
         self.trial, self.cfg = trial, cfg
         self.best_history, self.best_number = list(best_history), best_number
         self.history: list[dict] = []
-        self.batch_size, self.warmup_steps = 1, 0
+        self.batch_size, self.warmup_steps, self.total_steps = 1, 0, 0
 
     def on_start(self, config: dict) -> None:
         self.batch_size = int(config.get("batch_size", 1))
-        total = int(config.get("total_steps", 0))
-        self.warmup_steps = config.get("warmup_steps") or round(config.get("warmup_fraction", 0) * total)
+        self.total_steps = int(config.get("total_steps", 0))
+        self.warmup_steps = config.get("warmup_steps") or round(
+            config.get("warmup_fraction", 0) * self.total_steps)
 
     def on_eval(self, step: int, metrics: dict) -> None:
         tokens = step * self.batch_size
         self.history.append({"step": step, "train/tokens": tokens,
                              **{k: float(v) for k, v in metrics.items()}})
+        if step >= self.total_steps > 0:
+            return  # the last evaluation: the trial is done, stopping it would only lose it
         objectives = self.cfg.objectives
         if len(objectives) == 1 and objectives[0] in metrics:
             self.trial.report(float(metrics[objectives[0]]), tokens)

@@ -175,6 +175,8 @@ def test_pruner_and_guards():
     with pytest.raises(StopTraining, match=r"max_loss_ratio=3.0 x 0.1 \(best trial #4"):
         cb.on_eval(20, {"val/nmse": 0.31, "val/dead_fraction": 0.0})
     cb.on_eval(30, {"val/nmse": 0.29, "val/dead_fraction": 0.0})
+    cb.on_eval(100, {"val/nmse": 0.9, "val/dead_fraction": 0.9})  # finished: kept, not stopped
+    assert [h["step"] for h in cb.history] == [5, 20, 20, 30, 100]
 
 
 def test_records_and_table(tmp_path, capsys):

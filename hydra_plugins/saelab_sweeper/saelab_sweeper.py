@@ -6,8 +6,9 @@ command line's sweep overrides (``sae.k=16,32``, ``sae.k=choice(16,32)``,
 ``range(...)``, ``interval(...)``, ``tag(log, interval(...))``), as in
 hydra-optuna-sweeper. It is validated at every corner point before any trial
 runs. ``study.n_jobs`` > 1 starts that many worker processes in all (this one
-included) that share the study; any shell can add more by running the same
-command. Workers stop asking once finished + running trials reach ``n_trials``.
+included) that share the study; any shell or machine can add workers by
+running the same command (``study.n_jobs=1`` adds exactly one). Workers stop
+asking once finished + running trials reach ``n_trials``.
 
 Module-level imports stay light: Hydra imports every plugin module on each start.
 """
@@ -268,13 +269,12 @@ class SaelabSweeper(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function)
 
     def _task_dict(self) -> dict:
-        task = copy.deepcopy(self.config)
-        with_hydra = OmegaConf.to_container(task, resolve=False)
-        with_hydra.pop("hydra", None)
+        task = OmegaConf.to_container(self.config, resolve=False)
+        task.pop("hydra", None)
         try:
-            return OmegaConf.to_container(OmegaConf.create(with_hydra), resolve=True)
+            return OmegaConf.to_container(OmegaConf.create(task), resolve=True)
         except Exception:  # noqa: BLE001  (hydra-only interpolations resolve per job)
-            return with_hydra
+            return task
 
     def plan(self, arguments: Sequence[str]) -> tuple[dict, Any, SearchSpace, Optional[dict], int]:
         """Everything checked before a study exists: (task config, StudyConfig,

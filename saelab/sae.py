@@ -191,6 +191,7 @@ class SAE(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; a saved SAE is an ordinary directory
             arrays = dict(nn.utils.tree_flatten(self.parameters()))
             mx.save_safetensors(str(tmp / WEIGHTS_FILE), arrays, metadata={"format": FORMAT})
             config = {"format": FORMAT, "format_version": FORMAT_VERSION,

@@ -148,9 +148,11 @@ class Rule:
                 raise ValueError(f"--rule: unknown name {name!r}; allowed: {', '.join(sorted(known))}")
 
     def admits(self, values: dict[str, Any]) -> bool:
-        v = values.get(self.name)
-        return (isinstance(v, (int, float)) and math.isfinite(v)
-                and all(n in values and OPS[op](values[n], x) for n, op, x in self.conditions))
+        def number(v: Any) -> bool:  # categorical values (component=mlp) never compare
+            return isinstance(v, (int, float)) and math.isfinite(v)
+
+        return number(values.get(self.name)) and all(
+            number(values.get(n)) and OPS[op](values[n], x) for n, op, x in self.conditions)
 
     def __str__(self) -> str:
         conds = " and ".join(f"{n}{op}{x:g}" for n, op, x in self.conditions)

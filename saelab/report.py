@@ -59,9 +59,9 @@ def _hover(t: FrozenTrial) -> str:
 
 def _scatter(trials: Sequence[FrozenTrial], x: Callable[[FrozenTrial], Any], y: str, *,
              title: str, x_title: str, group: Callable[[FrozenTrial], Any],
-             group_name: str, exported: set[int]) -> go.Figure:
+             group_name: str, exported: set[int], log_x: bool = False) -> go.Figure:
     """``y`` metric against ``x(trial)``, one trace per ``group(trial)`` value;
-    exported trials get a ring."""
+    exported trials get a ring. ``log_x``: a log axis when x spans a factor >= 4."""
     fig = go.Figure()
     points = [(t, x(t), _metric(t, y)) for t in trials]
     points = [p for p in points if p[1] is not None and p[2] is not None]
@@ -74,9 +74,9 @@ def _scatter(trials: Sequence[FrozenTrial], x: Callable[[FrozenTrial], Any], y: 
                         line=dict(width=[2.5 if p[0].number in exported else 0 for p in sel],
                                   color="black"))))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y, legend_title=group_name,
-                      **LAYOUT)
+                      showlegend=True, **LAYOUT)
     xs = [p[1] for p in points if isinstance(p[1], (int, float))]
-    if xs and min(xs) > 0 and max(xs) / min(xs) >= 4:
+    if log_x and xs and min(xs) > 0 and max(xs) / min(xs) >= 4:
         fig.update_xaxes(type="log")
     return fig
 
@@ -174,18 +174,20 @@ def _figures(study: optuna.Study, trials: Sequence[FrozenTrial]
     expansion = lambda t: _cfg(t, "sae", "expansion_factor")  # noqa: E731
     figs["nmse_vs_l0"] = _scatter(done, lambda t: _metric(t, L0), NMSE, x_title="L0 (measured; k)",
                                   title="Normalized MSE vs L0", group=expansion,
-                                  group_name="expansion", exported=exported)
+                                  group_name="expansion", exported=exported, log_x=True)
     figs["nmse_vs_expansion"] = _scatter(done, expansion, NMSE, x_title="expansion factor",
                                          title="Normalized MSE vs expansion factor",
                                          group=lambda t: _cfg(t, "sae", "k"), group_name="k",
-                                         exported=exported)
+                                         exported=exported, log_x=True)
     figs["layers_components"] = _scatter(done, lambda t: _cfg(t, "layer"), NMSE, x_title="layer",
                                          title="Normalized MSE per layer and component",
                                          group=lambda t: _cfg(t, "component"),
                                          group_name="component", exported=exported)
-    for i, name in enumerate(_objectives(study)):
-        fig = optuna.visualization.plot_optimization_history(
-            study, target=lambda t, i=i: t.values[i], target_name=name)
+    objectives = _objectives(study)
+    for i, name in enumerate(objectives):
+        # a target is required with several objectives; without one Optuna adds the best-value line
+        target = (lambda t, i=i: t.values[i]) if len(objectives) > 1 else None
+        fig = optuna.visualization.plot_optimization_history(study, target=target, target_name=name)
         fig.update_layout(title=f"Optimization history: {name}", **LAYOUT)
         figs[f"optimization_history/{name}"] = fig
     fig, note = _importances(study, done)
@@ -208,7 +210,7 @@ def report_figures(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[s
 
 
 SECTIONS = (
-    ("pareto_front", "Pareto front"),
+    ("pareto_front", "Pareto front: reconstruction vs dead latents"),
     ("nmse_vs_l0", "Reconstruction vs sparsity"),
     ("nmse_vs_expansion", "Reconstruction vs width"),
     ("layers_components", "Layers and components"),

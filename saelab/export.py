@@ -264,9 +264,9 @@ def write_saelens(sae_dir: Path, out: Path, config: dict[str, Any], number: int)
 
 # ---------------------------------------------------------------- summary
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
     return "" if v is None else str(v)
 
 
@@ -282,8 +282,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
              f"{', '.join(summary['objectives'])}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [str(r["number"]), *(_fmt(r["params"].get(p)) for p in params),
-                 *(_fmt(r["metrics"].get(m)) for m in metrics), f"`{r['config']}`", f"`{r['sae']}`"]
+        cells = [str(r["number"]), *(fmt_value(r["params"].get(p)) for p in params),
+                 *(fmt_value(r["metrics"].get(m)) for m in metrics), f"`{r['config']}`", f"`{r['sae']}`"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Re-run a trial: `saelab train --config-path <this dir> --config-name trial_<n>`."]
     if summary["wandb_sync"]:

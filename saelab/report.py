@@ -25,18 +25,14 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
+from saelab.export import KEY_METRICS, fmt_value, objectives_of as _objectives
+
 NMSE, DEAD, L0 = "val/nmse", "val/dead_fraction", "val/l0"
-TABLE_METRICS = (NMSE, "val/nmse_p99", "val/explained_variance", L0, DEAD, "time/wall_s")
 LAYOUT = dict(template="plotly_white", height=460, margin=dict(l=60, r=30, t=60, b=50))
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def _objectives(study: optuna.Study) -> list[str]:
-    return list(study.user_attrs.get("objectives") or
-                [f"value_{i}" for i in range(len(study.directions))])
 
 
 def _metric(t: FrozenTrial, name: str) -> Optional[float]:
@@ -227,12 +223,11 @@ text-align:right}th{background:#f3f3f3}.note{color:#8a5a00;background:#fff7e6;pa
 
 def _table(study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:
     params = sorted({p for t in trials for p in t.params})
-    metrics = [m for m in dict.fromkeys([*_objectives(study), *TABLE_METRICS])
+    metrics = [m for m in dict.fromkeys([*_objectives(study), *KEY_METRICS])
                if any(_metric(t, m) is not None for t in trials)]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["trial", *params, *metrics])
-    fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in
+        "<tr>" + "".join(f"<td>{html.escape(fmt_value(v))}</td>" for v in
                          [t.number, *(t.params.get(p) for p in params),
                           *(_metric(t, m) for m in metrics)]) + "</tr>" for t in trials)
     return f"<table><tr>{head}</tr>{rows}</table>"

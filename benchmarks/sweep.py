@@ -6,7 +6,7 @@ and the sweep's orchestration overhead per trial; prints one JSON line.
 Both runs are real ``saelab sweep sweep=quick`` subprocesses on the default
 model (random sampler, same seed, so the same 8 trials), each with a fresh
 activation cache root; "per trial" points ``cache_dir`` at each trial's own
-directory. Overhead per trial = the trial's duration as Optuna recorded it
+directory. Overhead per completed trial = its duration as Optuna recorded it
 (ask to tell) minus its capture (``time/capture_s``) and its training loop
 (``train/tokens / train/tokens_per_second``): Hydra composition, SAE
 initialization, W&B run set-up and finish, saving, Optuna bookkeeping. Goal:
@@ -40,18 +40,21 @@ def run_study(root: Path, name: str, args, extra: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"sweep {name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    trials = [t for t in optuna.load_study(study_name=name, storage=storage).trials
-              if t.state == TrialState.COMPLETE]
+    finished = [t for t in optuna.load_study(study_name=name, storage=storage).trials
+                if t.state.is_finished()]
+    trials = [t for t in finished if t.state == TrialState.COMPLETE]
     dur = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
+    all_dur = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished)
     m = [t.user_attrs["metrics"] for t in trials]
     loop = [x["train/tokens"] / x["train/tokens_per_second"] for x in m]  # the step loop alone
     capture = [x["time/capture_s"] for x in m]
     overhead = [d - lp - c for d, lp, c in zip(dur, loop, capture)]
     outside = [d - x["time/wall_s"] for d, x in zip(dur, m)]  # Hydra + Optuna around run_trial
     return {"wall_s": round(wall, 1), "trials_complete": len(trials),
-            "trial_s_total": round(sum(dur), 1), "train_loop_s_total": round(sum(loop), 1),
+            "trials_pruned_or_failed": len(finished) - len(trials),
+            "trial_s_total": round(all_dur, 1), "train_loop_s_total": round(sum(loop), 1),
             "capture_s_total": round(sum(capture), 1),
-            "startup_and_summary_s": round(wall - sum(dur), 1),
+            "startup_and_summary_s": round(wall - all_dur, 1),
             "overhead_s_per_trial": round(sum(overhead) / len(overhead), 3),
             "overhead_fraction": round(sum(overhead) / sum(dur), 4),
             "overhead_fraction_max": round(max(o / d for o, d in zip(overhead, dur)), 4),

@@ -8,6 +8,7 @@ import pytest
 
 import saelab  # noqa: F401
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from saelab.sae import SAE
 from saelab.topk import argpartition_topk, block_topk, fast_topk
@@ -74,8 +75,8 @@ def test_save_load_roundtrip_bit_for_bit(tmp_path):
     path = sae.save(tmp_path / "my_sae.mlx")
     assert sorted(p.name for p in path.iterdir()) == ["sae.json", "sae.safetensors"]
     loaded = SAE.load(path)
-    a = dict(saelab_flatten(sae))
-    b = dict(saelab_flatten(loaded))
+    a = dict(tree_flatten(sae.parameters()))
+    b = dict(tree_flatten(loaded.parameters()))
     assert a.keys() == b.keys() == {"W_enc", "b_enc", "W_dec", "b_dec", "input_scale"}
     for key in a:
         assert np.array_equal(np.array(a[key]), np.array(b[key])), key
@@ -83,12 +84,6 @@ def test_save_load_roundtrip_bit_for_bit(tmp_path):
     assert loaded.metadata["metrics"]["val/nmse"] == pytest.approx(0.1)
     x = mx.random.normal((4, 64), key=mx.random.key(9))
     assert np.array_equal(np.array(sae(x)), np.array(loaded(x)))
-
-
-def saelab_flatten(sae):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(sae.parameters())
 
 
 def test_save_overwrites_atomically(tmp_path):

@@ -93,7 +93,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, shared_cache):
             if (tmp_path / "optuna.db").exists():
                 try:
                     states = [t.state for t in load(tmp_path, "kill").trials]
-                except KeyError:
+                except Exception:  # noqa: BLE001  (the sweep may be creating the schema/study)
                     continue
                 if states[:1] == [TrialState.COMPLETE] and TrialState.RUNNING in states:
                     time.sleep(1.0)

@@ -25,7 +25,7 @@ import mlx.core as mx
 from saelab.accel import STATE
 from saelab.config import SAEConfig
 from saelab.sae import SAE
-from saelab.train import StepConsts, choose_grad_mode, make_fast_step, reference_step
+from saelab.steps import StepConsts, choose_grad_mode, make_fast_step, reference_step
 
 D = 576
 SHAPES = [(8, 32, 1024), (8, 32, 4096), (8, 128, 4096), (32, 32, 4096), (32, 128, 4096)]

@@ -1,14 +1,9 @@
-"""Train a TopK SAE on activation arrays: schedule, AuxK, metrics, callbacks.
+"""Train a TopK SAE on activation arrays: schedule, initialization, validation,
+metrics, callbacks.
 
-Two interchangeable steps give the same update from the same state and batch
-(tested): ``reference_step`` (autodiff + argpartition, uncompiled) and the
-default fast step (``make_fast_step``: hand-written gradients, block
-top-k, gather decode, one ``mx.compile`` including Adam). Both minimize
-
-    loss = FVU + auxk_coefficient * AuxK + l1_coefficient * L1
-
-with FVU = sum of squared errors / sum of squared deviations of the batch
-from its mean (sparsify's normalized MSE), in the SAE's normalized space.
+The training loop; the steps it runs (the compiled fast step by default, the
+autodiff reference step when ``cfg.fast_step`` is false) and the loss they
+minimize are in :mod:`saelab.steps`.
 
 Metrics (averaged over the ``log_every`` window unless said):
 ``train/loss``, ``train/recon_loss`` (the FVU term), ``train/auxk_loss``,
@@ -33,7 +28,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -44,7 +38,8 @@ from tqdm.auto import tqdm
 
 from saelab.config import SAEConfig
 from saelab.sae import SAE
-from saelab.topk import argpartition_topk, fast_topk
+from saelab.steps import StepConsts, make_fast_step, reference_step
+from saelab.topk import fast_topk
 
 STAT_SAMPLE = 32_768
 """Tokens sampled for the input scale and the b_dec initialization (as openai)."""
@@ -198,230 +193,6 @@ class _Validator:
                 "val/nmse": nmse, "val/nmse_p99": float(err[self.p99].sum() / self.tv_p99),
                 "val/explained_variance": 1.0 - nmse, "val/l0": l0 / n,
                 "val/dead_fraction": float(mx.mean(fired == 0).item())}
-
-
-# ---------------------------------------------------------------------------
-# Training steps. State: {"params", "m", "v" (Adam moments), "tsf" (tokens
-# since each latent last fired)}. A step returns (state, metrics) with metrics
-# = [loss, fvu, auxk, l1, l0, dead latents after the step].
-
-ADAM_EPS = 1e-8
-_TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
-
-
-@dataclass(frozen=True)
-class StepConsts:
-    """Everything a step needs besides state and batch (compile-time constants)."""
-
-    k: int
-    d_hidden: int
-    k_aux: int
-    auxk_coefficient: float
-    dead_threshold: int
-    l1_coefficient: float
-    gradient_clip: float
-    betas: tuple[float, float]
-    tied: bool
-    grad_mode: str
-    """Weight-gradient form: ``dense`` (BLAS matmul), ``scatter`` or ``segment``."""
-
-    @classmethod
-    def from_config(cls, cfg: SAEConfig, d_model: int, d_hidden: int,
-                    grad_mode: str | None = None) -> "StepConsts":
-        return cls(k=cfg.k, d_hidden=d_hidden,
-                   k_aux=min(cfg.k_aux or d_model // 2, d_hidden) if cfg.auxk else 0,
-                   auxk_coefficient=cfg.auxk_coefficient,
-                   dead_threshold=cfg.dead_tokens_threshold,
-                   l1_coefficient=cfg.l1_coefficient, gradient_clip=cfg.gradient_clip,
-                   betas=tuple(cfg.adam_betas), tied=cfg.tied_weights,
-                   grad_mode=grad_mode or choose_grad_mode(cfg.k))
-
-    def aux_width(self, num_dead: int) -> int:
-        """Latents the AuxK top-k selects: all dead ones up to k_aux, in power-of-2
-        buckets (>= 16) so only a few step shapes get compiled."""
-        if not self.k_aux or not num_dead:
-            return 0
-        return min(self.k_aux, max(16, 1 << (min(num_dead, self.k_aux) - 1).bit_length()))
-
-
-def choose_grad_mode(k: int) -> str:
-    """Weight-gradient form by shape, from benchmarks/train_step.py (d 576, shared
-    2-core CPU): at k 32 the sorted segment-sum beat dense matmuls and scatter-add
-    at 4,608 and 18,432 latents (batch 1024 and 4096); at k 128 dense matmuls
-    were 1.4-2.4x faster than the segment-sum. A fixed rule, not a timing probe,
-    so a run's arithmetic (and result) does not depend on machine load."""
-    return "segment" if k < 128 else "dense"
-
-
-def _decoder_key(consts: StepConsts) -> str:
-    return "W_enc" if consts.tied else "W_dec"
-
-
-def _apply_update(state: dict, grads: dict, lr: mx.array, t: mx.array,
-                  consts: StepConsts) -> dict:
-    """Shared by both steps: project out the decoder-parallel gradient, clip the
-    global norm, Adam (bias-corrected, mlx.optimizers.Adam's arithmetic),
-    renormalize decoder rows."""
-    params, dec = state["params"], _decoder_key(consts)
-    w = params[dec]
-    g = grads[dec]
-    grads = {**grads, dec: g - mx.sum(g * w, axis=1, keepdims=True) * w}
-    if consts.gradient_clip > 0:
-        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in grads.values()))
-        clip = mx.minimum(1.0, consts.gradient_clip / (norm + 1e-6))
-        grads = {k: g * clip for k, g in grads.items()}
-    b1, b2 = consts.betas
-    c1 = lr / (1 - b1 ** t)
-    c2 = mx.rsqrt(1 - b2 ** t)
-    new = {"params": {}, "m": {}, "v": {}}
-    for key, g in grads.items():
-        m = b1 * state["m"][key] + (1 - b1) * g
-        v = b2 * state["v"][key] + (1 - b2) * mx.square(g)
-        new["m"][key], new["v"][key] = m, v
-        new["params"][key] = params[key] - c1 * m / (mx.sqrt(v) * c2 + ADAM_EPS)
-    w = new["params"][dec]
-    new["params"][dec] = w / (mx.linalg.norm(w, axis=1, keepdims=True) + 1.1920929e-07)
-    return new
-
-
-def _fired_tsf(tsf: mx.array, idx: mx.array, v: mx.array) -> mx.array:
-    fired = mx.zeros(tsf.shape, mx.int32).at[idx.reshape(-1)].add(
-        (v > 0).reshape(-1).astype(mx.int32)) > 0
-    return mx.where(fired, 0, mx.minimum(tsf + idx.shape[0], _TSF_CAP))
-
-
-def reference_step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead: int,
-                   consts: StepConsts) -> tuple[dict, mx.array]:
-    """Autodiff step: argpartition top-k, dense-code decode, AuxK as sparsify."""
-    dead = state["tsf"] > consts.dead_threshold
-    k_aux = min(consts.k_aux, num_dead)
-
-    def loss_fn(p):
-        w_dec = p[_decoder_key(consts)]
-        pre = (x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
-        idx = mx.stop_gradient(argpartition_topk(pre, consts.k))
-        v = mx.maximum(mx.take_along_axis(pre, idx, axis=1), 0)
-        z = mx.put_along_axis(mx.zeros_like(pre), idx, v, axis=1)
-        recon = z @ w_dec + p["b_dec"]
-        tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
-        fvu = mx.sum(mx.square(recon - x)) / tv
-        auxk = mx.array(0.0)
-        if k_aux:
-            aidx = mx.stop_gradient(argpartition_topk(mx.where(dead, pre, -mx.inf), k_aux))
-            av = mx.maximum(mx.take_along_axis(pre, aidx, axis=1), 0)
-            e_hat = mx.put_along_axis(mx.zeros_like(pre), aidx, av, axis=1) @ w_dec
-            resid = mx.stop_gradient(x - recon)
-            auxk = min(num_dead / consts.k_aux, 1.0) * mx.sum(mx.square(e_hat - resid)) / tv
-        l1 = mx.sum(v) / x.shape[0]
-        loss = fvu + consts.auxk_coefficient * auxk + consts.l1_coefficient * l1
-        return loss, (fvu, auxk, l1, mx.sum(v > 0) / x.shape[0], idx, v)
-
-    (loss, (fvu, auxk, l1, l0, idx, v)), grads = mx.value_and_grad(loss_fn)(state["params"])
-    new = _apply_update(state, grads, lr, t, consts)
-    new["tsf"] = _fired_tsf(state["tsf"], idx, v)
-    dead_after = mx.sum(new["tsf"] > consts.dead_threshold)
-    return new, mx.stack([loss, fvu, auxk, l1, l0, dead_after.astype(mx.float32)])
-
-
-def _weight_grad(idx: mx.array, vals: mx.array, rows: mx.array, h: int, mode: str) -> mx.array:
-    """out[l] = sum over (token b, slot j) with idx[b, j] == l of vals[b, j] * rows[b]."""
-    n, kk = idx.shape
-    if mode == "dense":
-        z = mx.zeros((n, h)).at[mx.arange(n)[:, None], idx].add(vals)
-        return z.T @ rows
-    flat = idx.reshape(-1)
-    if mode == "scatter":
-        tok = mx.arange(n * kk) // kk
-        return mx.zeros((h, rows.shape[1])).at[flat].add(vals.reshape(-1)[:, None] * rows[tok])
-    order = mx.argsort(flat)  # segment: sort pairs by latent, one small matmul per latent
-    counts = mx.zeros((h,), mx.int32).at[flat].add(1)
-    ends = mx.cumsum(counts)
-    segments = mx.stack([ends - counts, ends], axis=-1).astype(mx.uint32)
-    out = mx.segmented_mm(vals.reshape(-1)[order][None, :], rows[order // kk], segments)
-    return out.reshape(h, rows.shape[1])
-
-
-def _sparse_decode(w: mx.array, idx: mx.array, v: mx.array, g_fn):
-    """Decode codes (idx, v) by gathering decoder rows; returns (out, g_v) where
-    g_v is the gradient w.r.t. v given the output gradient from ``g_fn(out)``.
-    Above 64 codes per token the [tokens, codes, d] gather costs more than
-    dense BLAS matmuls, so wide codes (AuxK) go dense."""
-    if idx.shape[1] <= 64:
-        rows = w[idx]
-        out = (v[:, None, :] @ rows)[:, 0, :]
-        g_out = g_fn(out)
-        return out, g_out, (rows @ g_out[:, :, None])[..., 0]
-    z = mx.put_along_axis(mx.zeros((idx.shape[0], w.shape[0])), idx, v, axis=1)
-    out = z @ w
-    g_out = g_fn(out)
-    return out, g_out, mx.take_along_axis(g_out @ w.T, idx, axis=1)
-
-
-def _fast_grads(p: dict, x: mx.array, tsf: mx.array, aux_width: int, consts: StepConsts):
-    """Hand-written gradients of the loss (see module docstring)."""
-    n, h, mode = x.shape[0], consts.d_hidden, consts.grad_mode
-    w_dec = p[_decoder_key(consts)]
-    xc = x - p["b_dec"]
-    pre = xc @ p["W_enc"].T + p["b_enc"]
-    idx = fast_topk(pre, consts.k)
-    pre_k = mx.take_along_axis(pre, idx, axis=1)
-    v = mx.maximum(pre_k, 0)
-    tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
-    recon, g_r, g_v = _sparse_decode(w_dec, idx, v, lambda out: (2 / tv) * (out + p["b_dec"] - x))
-    r = recon + p["b_dec"] - x
-    fvu = mx.sum(mx.square(r)) / tv
-    l1 = mx.sum(v) / n
-    g_pre = mx.where(pre_k > 0, g_v + consts.l1_coefficient / n, 0)
-    enc_idx, enc_vals = [idx], [g_pre]
-    g_wdec = _weight_grad(idx, v, g_r, h, mode)
-    auxk = mx.array(0.0)
-    if aux_width:
-        dead = tsf > consts.dead_threshold
-        scale = mx.minimum(mx.sum(dead).astype(mx.float32) / consts.k_aux, 1.0)
-        masked = mx.where(dead, pre, -mx.inf)
-        aidx = fast_topk(masked, aux_width)
-        a_pre = mx.take_along_axis(masked, aidx, axis=1)  # -inf where not dead -> code 0
-        av = mx.maximum(a_pre, 0)
-        coef = 2 * consts.auxk_coefficient * scale / tv
-        e_hat, g_e, g_av = _sparse_decode(w_dec, aidx, av, lambda out: coef * (out + r))
-        auxk = scale * mx.sum(mx.square(e_hat + r)) / tv
-        enc_idx.append(aidx)
-        enc_vals.append(mx.where(a_pre > 0, g_av, 0))
-        g_wdec = g_wdec + _weight_grad(aidx, av, g_e, h, mode)
-    all_idx, all_g = mx.concatenate(enc_idx, axis=1), mx.concatenate(enc_vals, axis=1)
-    g_benc = mx.zeros((h,)).at[all_idx.reshape(-1)].add(all_g.reshape(-1))
-    grads = {"W_enc": _weight_grad(all_idx, all_g, xc, h, mode), "b_enc": g_benc,
-             "b_dec": mx.sum(g_r, axis=0) - g_benc @ p["W_enc"]}
-    if consts.tied:
-        grads["W_enc"] = grads["W_enc"] + g_wdec
-    else:
-        grads["W_dec"] = g_wdec
-    loss = fvu + consts.auxk_coefficient * auxk + consts.l1_coefficient * l1
-    return grads, idx, v, mx.stack([loss, fvu, auxk, l1, mx.sum(v > 0) / n])
-
-
-def make_fast_step(consts: StepConsts):
-    """The compiled fast step, with the reference step's signature minus consts.
-    One compiled graph per AuxK width bucket (see StepConsts.aux_width)."""
-    compiled: dict[int, object] = {}
-
-    def build(aux_width: int):
-        def step(state, x, lr, t):
-            grads, idx, v, metrics = _fast_grads(state["params"], x, state["tsf"], aux_width,
-                                                 consts)
-            new = _apply_update(state, grads, lr, t, consts)
-            new["tsf"] = _fired_tsf(state["tsf"], idx, v)
-            dead_after = mx.sum(new["tsf"] > consts.dead_threshold).astype(mx.float32)
-            return new, mx.concatenate([metrics, dead_after[None]])
-        return mx.compile(step)
-
-    def fast_step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead: int):
-        width = consts.aux_width(num_dead)
-        if width not in compiled:
-            compiled[width] = build(width)
-        return compiled[width](state, x, lr, t)
-
-    return fast_step
 
 
 def _check_inputs(train: np.ndarray, val: np.ndarray, cfg: SAEConfig) -> None:

@@ -9,8 +9,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from saelab.config import SAEConfig
-from saelab.train import (Callback, StepConsts, StopTraining, TrainingDiverged, init_sae,
-                          lr_schedule, make_fast_step, reference_step, train_sae_on_arrays)
+from saelab.steps import StepConsts, make_fast_step, reference_step
+from saelab.train import (Callback, StopTraining, TrainingDiverged, init_sae, lr_schedule,
+                          train_sae_on_arrays)
 
 D = 64
 META = {"model_name": "synthetic", "layer": 3, "component": "mlp"}

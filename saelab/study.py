@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import socket
@@ -26,7 +27,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -36,6 +37,7 @@ from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCal
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import DBAPIError
 
 from saelab.config import StudyConfig, TrialConfig
 from saelab.train import Callback, StopTraining, TrainingDiverged
@@ -94,8 +96,14 @@ def open_storage(cfg: StudyConfig) -> BaseStorage:
             url = f"sqlite:///{path}"
         # SQLite: wait on a locked database instead of failing at once (several workers write)
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
-                          grace_period=cfg.grace_period, heartbeat_stale_trial_callback=retry)
+        for attempt in range(3):  # workers starting together may race to create the schema
+            try:
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
+                                  grace_period=cfg.grace_period, heartbeat_stale_trial_callback=retry)
+            except DBAPIError:
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
     except Exception as e:  # noqa: BLE001  (any driver error means: cannot be opened)
         raise ValueError(f"study.storage={cfg.storage!r} cannot be opened ({type(e).__name__}: {e}); "
                          "allowed: sqlite:///path.db, journal:///path.log, postgresql://..., "
@@ -301,10 +309,19 @@ def _at_tokens(history: Sequence[dict], tokens: int) -> Optional[float]:
     return before[-1]["val/nmse"] if before else None
 
 
-def best_reference(study: optuna.Study) -> tuple[list[dict], Optional[int]]:
-    """History and number of the completed trial with the lowest final val/nmse."""
+def comparable(config: dict) -> str:
+    """Trials whose val/nmse can be compared: same model, data, layer and component."""
+    keep = {k: config.get(k) for k in ("model", "data", "layer", "component")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def best_reference(study: optuna.Study, like: Optional[dict] = None) -> tuple[list[dict], Optional[int]]:
+    """History and number of the completed trial with the lowest final val/nmse
+    (among those ``comparable`` with the trial config ``like``, if given)."""
+    key = comparable(like) if like is not None else None
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "val/nmse" in t.user_attrs.get("metrics", {})]
+            if "val/nmse" in t.user_attrs.get("metrics", {})
+            and (key is None or comparable(t.user_attrs.get("config", {})) == key)]
     if not done:
         return [], None
     best = min(done, key=lambda t: t.user_attrs["metrics"]["val/nmse"])
@@ -321,8 +338,12 @@ def set_active(cb: Optional[OptunaCallback]) -> None:
 
 
 def callback_factory(cfg: TrialConfig) -> Callback:
-    """Registered in ``saelab.trial.CALLBACK_FACTORIES`` by the sweeper."""
-    return _ACTIVE if _ACTIVE is not None else Callback()
+    """Registered in ``saelab.trial.CALLBACK_FACTORIES`` by the sweeper: the
+    active trial's callback, its loss guard referenced to comparable trials."""
+    if _ACTIVE is None:
+        return Callback()
+    _ACTIVE.best_history, _ACTIVE.best_number = best_reference(_ACTIVE.trial.study, asdict(cfg))
+    return _ACTIVE
 
 
 # ---------------------------------------------------------------- records

@@ -11,8 +11,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.saelab_sweeper.saelab_sweeper import (grid_of, parse_search_space,
-                                                         validate_search_space)
+from hydra_plugins.saelab_sweeper.saelab_sweeper import (capture_pairs, grid_of,
+                                                         parse_search_space, validate_search_space)
 from saelab import study as st
 from saelab.config import StudyConfig, TrialConfig
 from saelab.train import StopTraining, TrainingDiverged
@@ -77,6 +77,19 @@ def test_valid_space_checks_every_corner():
                                 "sae.learning_rate": "tag(log, interval(1e-4, 1e-2))",
                                 "model": "choice(smollm2_135m)"}, [])
     assert validate_search_space(base_task(), space, groups=["model"]) == 3 * 2 * 2
+
+
+def test_capture_pairs_of_a_scan():
+    task = base_task()  # layer 10, mlp
+    scan = parse_search_space({"layer": "range(2, 7, 2)", "component": "choice(mlp, output)"}, [])
+    assert capture_pairs(task, scan, n_trials=6) == [(2, "mlp"), (2, "output"), (4, "mlp"),
+                                                     (4, "output"), (6, "mlp"), (6, "output")]
+    assert capture_pairs(task, scan, n_trials=4) == []  # TPE over more pairs than trials
+    layers = parse_search_space({"layer": "choice(3, 5)", "sae.k": "choice(16, 32)"}, [])
+    assert capture_pairs(task, layers, n_trials=4) == [(3, "mlp"), (5, "mlp")]
+    for params in ({"sae.k": "choice(16, 32)"},
+                   {"layer": "choice(3, 5)", "data.max_tokens": "choice(1000, 2000)"}):
+        assert capture_pairs(task, parse_search_space(params, []), n_trials=8) == []
 
 
 # ---------------------------------------------------------------- storage & study
@@ -222,3 +235,17 @@ def test_records_and_table(tmp_path, capsys):
     assert "'nope' not in" in capsys.readouterr().err
     assert st.trials_main(["t", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "no such database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+def test_loss_guard_compares_like_with_like():
+    cfg = StudyConfig()
+    study = optuna.create_study(directions=["minimize"] * 2)
+    for layer, nmse in ((2, 0.05), (10, 0.2), (10, 0.3)):
+        t = study.ask()
+        result = TrialResult({"val/nmse": nmse, "val/dead_fraction": 0.0}, "s", "o",
+                             history=[{"train/tokens": 1, "val/nmse": nmse}])
+        st.finish_trial(study, t, cfg, result, [], {**base_task(), "layer": layer}, None)
+    assert st.best_reference(study)[1] == 0
+    assert st.best_reference(study, {**base_task(), "layer": 10}) == (
+        [{"train/tokens": 1, "val/nmse": 0.2}], 1)
+    assert st.best_reference(study, {**base_task(), "component": "attn"}) == ([], None)

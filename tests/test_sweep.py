@@ -7,6 +7,7 @@ all tests but the two-worker one share one activation cache, captured once.
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -90,14 +91,14 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, shared_cache):
     try:
         while time.monotonic() < deadline:  # kill while trial 1 trains, after trial 0 finished
             time.sleep(0.3)
-            if (tmp_path / "optuna.db").exists():
-                try:
-                    states = [t.state for t in load(tmp_path, "kill").trials]
-                except Exception:  # noqa: BLE001  (the sweep may be creating the schema/study)
-                    continue
-                if states[:1] == [TrialState.COMPLETE] and TrialState.RUNNING in states:
-                    time.sleep(1.0)
-                    break
+            try:  # read-only: opening it with Optuna could race the sweep creating the schema
+                with sqlite3.connect(f"file:{tmp_path}/optuna.db?mode=ro", uri=True) as db:
+                    states = [r[0] for r in db.execute("SELECT state FROM trials ORDER BY number")]
+            except sqlite3.Error:
+                continue
+            if states[:1] == ["COMPLETE"] and "RUNNING" in states:
+                time.sleep(1.0)
+                break
         else:
             pytest.fail("the sweep never reached its second trial")
     finally:
@@ -148,3 +149,18 @@ def test_bad_sweep_fails_before_any_trial(tmp_path, shared_cache):
     assert p.returncode != 0
     assert "sweep point" in p.stderr and "layer=99" in p.stderr and "0..29" in p.stderr
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "out/studies").exists()
+
+
+def test_layer_scan_captures_in_one_pass(tmp_path):
+    cache = tmp_path / "scan_cache"
+    p = run_sweep(tmp_path, cache, "scan", "study.sampler=grid", "study.n_trials=4",
+                  "layer=choice(2,4)", "component=choice(mlp,output)", "sae.k=32",
+                  "sae.learning_rate=1e-3", "sae.use_wandb=false")
+    trials = load(tmp_path, "scan").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert {(t.params["layer"], t.params["component"]) for t in trials} == \
+        {(2, "mlp"), (2, "output"), (4, "mlp"), (4, "output")}
+    assert "captured 4000 tokens x 4 activations" in p.stdout + p.stderr  # one forward pass
+    trial_logs = "".join(f.read_text() for f in (tmp_path / "out/studies/scan").glob("trial_*/*.log"))
+    assert "captured" not in trial_logs
+    assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 4

@@ -5,10 +5,12 @@ The search space is ``study.params`` (config key -> override grammar) plus the
 command line's sweep overrides (``sae.k=16,32``, ``sae.k=choice(16,32)``,
 ``range(...)``, ``interval(...)``, ``tag(log, interval(...))``), as in
 hydra-optuna-sweeper. It is validated at every corner point before any trial
-runs. ``study.n_jobs`` > 1 starts that many worker processes in all (this one
-included) that share the study; any shell or machine can add workers by
-running the same command (``study.n_jobs=1`` adds exactly one). Workers stop
-asking once finished + running trials reach ``n_trials``.
+runs. A layer/component scan captures all the activations it needs in one
+forward pass before the first trial. ``study.n_jobs`` > 1 starts that many
+worker processes in all (this one included) that share the study; any shell
+or machine can add workers by running the same command (``study.n_jobs=1``
+adds exactly one). Workers stop asking once finished + running trials reach
+``n_trials``.
 
 Module-level imports stay light: Hydra imports every plugin module on each start.
 """
@@ -200,6 +202,29 @@ def validate_search_space(task: dict, space: SearchSpace, groups: Sequence[str] 
     return len(points)
 
 
+def capture_pairs(task: dict, space: SearchSpace, n_trials: int) -> list[tuple[int, str]]:
+    """The (layer, component) activations a layer/component scan will need, to
+    capture in one forward pass before the trials; empty when trials should
+    capture their own (no such scan, a swept model/data/cache, or more pairs
+    than trials, where most would go unused)."""
+    from optuna.distributions import CategoricalDistribution
+
+    def values(key: str) -> list:
+        d = space.distributions.get(key)
+        if d is None:
+            return [task[key]]
+        if isinstance(d, CategoricalDistribution):
+            return list(d.choices)
+        return list(range(d.low, d.high + 1, d.step)) if isinstance(d.low, int) else []
+
+    keys = set(space.distributions)
+    if not keys & {"layer", "component"} or "${" in str(task.get("cache_dir")) or any(
+            k.split(".")[0] in ("model", "data", "cache_dir") for k in keys):
+        return []
+    pairs = [(int(layer), str(comp)) for layer in values("layer") for comp in values("component")]
+    return pairs if 1 < len(pairs) <= n_trials else []
+
+
 def format_value(v: Any) -> str:
     """A sampled value as override text."""
     if v is None:
@@ -312,6 +337,14 @@ class SaelabSweeper(Sweeper):
         study.sampler = st.make_sampler(scfg, grid, seed_offset=7919 * worker + len(study.trials))
         if st.callback_factory not in tr.CALLBACK_FACTORIES:
             tr.CALLBACK_FACTORIES.append(st.callback_factory)
+        pairs = capture_pairs(task, space, n_trials)
+        if pairs:  # one forward pass for the whole scan (the cache's locks make workers share it)
+            from saelab.cache import ensure_activations
+            from saelab.config import trial_from_dict
+
+            cfg = trial_from_dict(task)
+            log.info("capturing %d (layer, component) pairs in one pass", len(pairs))
+            ensure_activations(cfg.model, cfg.data, pairs, root=cfg.cache_dir)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         procs = spawn_workers(scfg.n_jobs - 1, sweep_dir) if worker == 0 and scfg.n_jobs > 1 else []
         try:
@@ -363,8 +396,7 @@ class SaelabSweeper(Sweeper):
         for key, value in (("sae.wandb_group", scfg.name), ("sae.wandb_name", f"trial_{trial.number}")):
             if key not in taken:
                 overrides.append(f"{key}={value}")
-        history, best = st.best_reference(study)
-        cb = st.OptunaCallback(trial, scfg, history, best)
+        cb = st.OptunaCallback(trial, scfg)  # the guard's reference is set once the config is known
         ret, outcome = None, None
         st.set_active(cb)
         try:

@@ -2,6 +2,7 @@
 and validation, storages, dead-worker recovery, guards, records, the trials table."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 import time
@@ -249,3 +250,23 @@ def test_loss_guard_compares_like_with_like():
     assert st.best_reference(study, {**base_task(), "layer": 10}) == (
         [{"train/tokens": 1, "val/nmse": 0.2}], 1)
     assert st.best_reference(study, {**base_task(), "component": "attn"}) == ([], None)
+
+
+@pytest.mark.parametrize("name", ["smoke", "quick", "layers", "k_expansion"])
+def test_ready_made_sweeps_are_valid(name):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saelab.cli import CONF_DIR
+    from saelab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"sweep={name}"])
+    task = OmegaConf.to_container(cfg, resolve=True)
+    study = StudyConfig(**task["study"])
+    assert study.name == name
+    space = parse_search_space(study.params, [])
+    assert space.distributions and validate_search_space(task, space, groups=["model", "sae"]) >= 2
+    if study.sampler == "grid":
+        assert math.prod(map(len, grid_of(space).values())) == study.n_trials

@@ -283,14 +283,14 @@ class OptunaCallback(Callback):
         tokens = step * self.batch_size
         self.history.append({"step": step, "train/tokens": tokens,
                              **{k: float(v) for k, v in metrics.items()}})
+        objective = self.cfg.objectives[0] if len(self.cfg.objectives) == 1 else None
+        if objective in metrics:  # Optuna prunes single-objective studies only
+            self.trial.report(float(metrics[objective]), tokens)
         if step >= self.total_steps > 0:
             return  # the last evaluation: the trial is done, stopping it would only lose it
-        objectives = self.cfg.objectives
-        if len(objectives) == 1 and objectives[0] in metrics:
-            self.trial.report(float(metrics[objectives[0]]), tokens)
-            if self.trial.should_prune():
-                raise StopTraining(f"pruned by {self.cfg.pruner} at {tokens} tokens: "
-                                   f"{objectives[0]}={metrics[objectives[0]]:.4g}")
+        if objective in metrics and self.trial.should_prune():
+            raise StopTraining(f"pruned by {self.cfg.pruner} at {tokens} tokens: "
+                               f"{objective}={metrics[objective]:.4g}")
         dead = metrics.get("val/dead_fraction")
         if step > self.warmup_steps and dead is not None and dead > self.cfg.max_dead_fraction:
             raise StopTraining(f"guard: val/dead_fraction={dead:.3f} > study.max_dead_fraction="

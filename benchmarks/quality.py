@@ -23,6 +23,10 @@ VARIANTS = {
     "no_auxk": {"auxk": False},
     "k64": {"k": 64},
     "x8": {"expansion_factor": 8},
+    "linear0": {"lr_decay": "linear", "min_lr_ratio": 0.0},
+    "lr2e-3": {"learning_rate": 2e-3},
+    "lr2e-3_auxk8": {"learning_rate": 2e-3, "auxk_coefficient": 0.125},
+    "lr1.5e-3": {"learning_rate": 1.5e-3},
 }
 
 
@@ -35,8 +39,9 @@ def main() -> None:
     out = {"benchmark": "quality", "blas": STATE.blas, "layer": 10, "component": "mlp",
            "captured_tokens_budget": args.max_tokens, "train_tokens": args.train_tokens}
     for name in args.variants.split(","):
-        sae = SAEConfig(expansion_factor=16, k=32, learning_rate=1e-3, batch_size=1024,
-                        train_tokens=args.train_tokens, **VARIANTS[name])
+        recipe = {"expansion_factor": 16, "k": 32, "learning_rate": 1e-3, "batch_size": 1024,
+                  "train_tokens": args.train_tokens}
+        sae = SAEConfig(**{**recipe, **VARIANTS[name]})
         cfg = TrialConfig(data=DataConfig(max_tokens=args.max_tokens), sae=sae, layer=10,
                           component="mlp")
         t = time.perf_counter()

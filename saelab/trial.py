@@ -43,7 +43,8 @@ class TrialResult:
 class HistoryCallback:
     """Keeps the validation curve so the study can store it for reports."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
         self.history: list[dict[str, float]] = []
 
     def on_start(self, config: dict) -> None: ...
@@ -51,7 +52,8 @@ class HistoryCallback:
     def on_end(self, metrics: dict) -> None: ...
 
     def on_eval(self, step: int, metrics: dict) -> None:
-        self.history.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+        self.history.append({"step": step, "train/tokens": step * self.batch_size,
+                             **{k: float(v) for k, v in metrics.items()}})
 
 
 CALLBACK_FACTORIES: list[Callable[[TrialConfig], Any]] = []
@@ -102,7 +104,7 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
         "component": cfg.component, "d_model": info.d_model, "activation_cache": str(entry.path),
         "train_activations": int(train.shape[0]), "val_activations": int(val.shape[0]),
     }
-    history = HistoryCallback()
+    history = HistoryCallback(cfg.sae.batch_size)
     cbs: list[Any] = [history, *callbacks, *(f(cfg) for f in CALLBACK_FACTORIES)]
     wandb_cb = None
     if cfg.sae.use_wandb:
@@ -119,20 +121,22 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
     try:
         sae, metrics = train_sae_on_arrays(train, val, cfg.sae, metadata=metadata,
                                            callbacks=cbs, progress=progress)
+    except BaseException as e:  # a stopped/failed trial still points at its W&B run
+        e.wandb_run_dir = wandb_cb.run_dir if wandb_cb is not None else None
+        raise
     finally:
         if wandb_cb is not None:
             wandb_cb.close()
-    t_train = time.perf_counter()
-
     sae_path = sae.save(sae_path or out / "sae.mlx")
     t_end = time.perf_counter()
-    train_s = t_train - t_data
+    # the training loop's own time: set-up, W&B and saving count as overhead
+    train_s = metrics["train/steps"] * cfg.sae.batch_size / metrics["train/tokens_per_second"]
     metrics = {
         **metrics,
         "time/capture_s": t_data - t0,
         "time/train_s": train_s,
         "time/wall_s": t_end - t0,
-        "time/tokens_per_s": metrics.get("train/tokens", 0.0) / max(train_s, 1e-9),
+        "time/tokens_per_s": metrics["train/tokens_per_second"],
         "time/overhead_fraction": (t_end - t0 - train_s) / (t_end - t0),
     }
     result = TrialResult(metrics=metrics, sae_path=str(sae_path), output_dir=str(out),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import DataConfig, ModelConfig, canonical_component
 from saelab.data import corpus_identity, file_sha256, load_texts, pack_documents, texts_identity
-from saelab.paths import activation_cache_root
+from saelab.paths import activation_cache_root, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +350,4 @@ def _install(tmp: Path, target: Path) -> None:
     """Rename a finished entry into place, moving a bad one aside first (caller holds the lock)."""
     if target.exists():
         STATS.rebuilt += 1
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old", dir=target.parent))
-        os.rename(target, trash / "old")
-        shutil.rmtree(trash, ignore_errors=True)
-    os.rename(tmp, target)
+    replace_dir(tmp, target)

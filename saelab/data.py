@@ -24,7 +24,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from saelab.config import DataConfig
-from saelab.paths import cache_root
+from saelab.paths import atomic_write_text, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +135,6 @@ def split_paragraphs(text: str, max_chars: int) -> list[str]:
     return chunks
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @lru_cache(maxsize=1)
 def pydocs_path() -> Path:
     """Build (or find) the pydocs corpus JSONL; its name holds the content hash."""
@@ -168,7 +155,7 @@ def pydocs_path() -> Path:
     version = ".".join(map(str, sys.version_info[:3]))
     path = cache_root() / "corpora" / f"pydocs-{version}-{digest}.jsonl"
     if not path.exists():
-        _atomic_write_text(path, body)
+        atomic_write_text(path, body)
     return path
 
 

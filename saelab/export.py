@@ -36,7 +36,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -46,6 +45,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from saelab.config import StudyConfig, trial_from_dict
+from saelab.paths import atomic_dir
 
 KEYWORDS = ("min", "max", "where", "and")
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
@@ -306,16 +306,6 @@ def default_export_dir(study_name: str) -> Path:
     return outputs_root() / re.sub(r"[^\w.-]", "_", study_name) / "export"
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "export")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def export_study(study: optuna.Study, out: str | os.PathLike, trials: Sequence[FrozenTrial], *,
                  selection: str = "", saelens: bool = False, storage_url: str = "",
                  report: bool = True) -> dict[str, Any]:
@@ -327,44 +317,40 @@ def export_study(study: optuna.Study, out: str | os.PathLike, trials: Sequence[F
             raise ValueError(f"trial {t.number}: sae_path={sae!r} is not a saved SAE directory")
         standalone_config(t, study.study_name)
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to its writer
-        exported = []
-        for t in trials:
-            name = f"trial_{t.number}"
-            write_config(tmp / f"{name}.yaml", t, study.study_name, out)
-            shutil.copytree(t.user_attrs["sae_path"], tmp / name / "sae.mlx")
-            if saelens:
-                write_saelens(tmp / name / "sae.mlx", tmp / "saelens" / name,
-                              t.user_attrs["config"], t.number)
-            exported.append({
-                "number": t.number, "values": t.values, "params": t.params,
-                "metrics": t.user_attrs.get("metrics", {}), "config": f"{name}.yaml",
-                "sae": f"{name}/sae.mlx", "saelens": f"saelens/{name}" if saelens else None,
-                "source_sae_path": t.user_attrs["sae_path"], "run_dir": t.user_attrs.get("run_dir"),
-                "wandb_run_dir": t.user_attrs.get("wandb_run_dir"),
-            })
-        all_trials = study.get_trials(deepcopy=False)
-        summary = {
-            "study": study.study_name, "storage": storage_url, "objectives": objectives_of(study),
-            "directions": [d.name.lower() for d in study.directions],
-            "constraints": study.user_attrs.get("constraints", {}), "selection": selection,
-            "n_trials": len(all_trials),
-            "n_complete": sum(t.state == TrialState.COMPLETE for t in all_trials),
-            "exported": exported, "wandb_sync": wandb_sync_command(study),
-            "report": "report.html" if report else None,
-        }
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (tmp / "summary.md").write_text(summary_markdown(summary))
-        if report:
-            from saelab.report import write_report
+        with atomic_dir(out) as tmp:
+            exported = []
+            for t in trials:
+                name = f"trial_{t.number}"
+                write_config(tmp / f"{name}.yaml", t, study.study_name, out)
+                shutil.copytree(t.user_attrs["sae_path"], tmp / name / "sae.mlx")
+                if saelens:
+                    write_saelens(tmp / name / "sae.mlx", tmp / "saelens" / name,
+                                  t.user_attrs["config"], t.number)
+                exported.append({
+                    "number": t.number, "values": t.values, "params": t.params,
+                    "metrics": t.user_attrs.get("metrics", {}), "config": f"{name}.yaml",
+                    "sae": f"{name}/sae.mlx", "saelens": f"saelens/{name}" if saelens else None,
+                    "source_sae_path": t.user_attrs["sae_path"], "run_dir": t.user_attrs.get("run_dir"),
+                    "wandb_run_dir": t.user_attrs.get("wandb_run_dir"),
+                })
+            all_trials = study.get_trials(deepcopy=False)
+            summary = {
+                "study": study.study_name, "storage": storage_url, "objectives": objectives_of(study),
+                "directions": [d.name.lower() for d in study.directions],
+                "constraints": study.user_attrs.get("constraints", {}), "selection": selection,
+                "n_trials": len(all_trials),
+                "n_complete": sum(t.state == TrialState.COMPLETE for t in all_trials),
+                "exported": exported, "wandb_sync": wandb_sync_command(study),
+                "report": "report.html" if report else None,
+            }
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            (tmp / "summary.md").write_text(summary_markdown(summary))
+            if report:
+                from saelab.report import write_report
 
-            write_report(study, tmp / "report.html", trials)
-        _swap_into_place(tmp, out)
+                write_report(study, tmp / "report.html", trials)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for p in created:  # parents this export made, if still empty
             try:
                 p.rmdir()

@@ -31,7 +31,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from saelab.config import ModelConfig
-from saelab.paths import cache_root
+from saelab.paths import cache_root, replace_dir
 
 DEFAULT_MODEL = "smollm2_135m"
 BUILTIN_MODELS = (DEFAULT_MODEL,)
@@ -188,11 +188,7 @@ def ensure_default_model(dtype: str = "float32") -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=models))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         _convert(gguf, tmp, dtype)
-        if target.exists():  # incomplete or corrupt: move aside, then replace
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old", dir=models))
-            os.rename(target, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(tmp, target)
+        replace_dir(tmp, target)  # an incomplete or corrupt target is moved aside first
     return target
 
 

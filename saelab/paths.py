@@ -1,9 +1,14 @@
-"""Where saelab keeps things: the download/conversion cache and the run outputs."""
+"""Where saelab keeps things (download/conversion cache, run outputs) and how it
+writes them atomically."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def cache_root() -> Path:
@@ -27,3 +32,48 @@ def activation_cache_root() -> Path:
     root = Path(env).expanduser().resolve() if env else outputs_root() / "cache"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+# -- atomic writes: readers see the old version or the new one, never a partial one --
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the file private to its writer
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``target``, moving an old ``target`` aside first."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "old")
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory beside ``target`` (named ``.<name>.tmp-*``) that replaces
+    ``target`` when the block succeeds; on error it is removed and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the result private to its writer
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -15,7 +15,6 @@ import html
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -25,6 +24,7 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
+from saelab.paths import atomic_write_text
 from saelab.export import KEY_METRICS, fmt_value, objectives_of as _objectives
 
 NMSE, DEAD, L0 = "val/nmse", "val/dead_fraction", "val/l0"
@@ -247,7 +247,7 @@ def render_report(study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:
     if "study" in notes:
         body.append(f"<p class=note>{html.escape(notes['study'])}</p>")
     if trials:
-        body += [f"<h2>Exported trials</h2>", _table(study, trials)]
+        body += ["<h2>Exported trials</h2>", _table(study, trials)]
     config = {"responsive": True, "displaylogo": False}
     for key, title in SECTIONS:
         names = [n for n in figs if n == key or n.startswith(key + "/")]
@@ -272,15 +272,5 @@ def write_report(study: optuna.Study, out_path: str | os.PathLike,
         from saelab.export import select_trials
 
         trials = select_trials(study)[0] if _complete(study) else []
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(render_report(study, trials))
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report private to its writer
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return out
+    return atomic_write_text(out_path, render_report(study, trials))
+

@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from saelab.config import canonical_component
+from saelab.paths import atomic_dir
 from saelab.topk import fast_topk
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -188,10 +187,7 @@ class SAE(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/`` (``sae.safetensors`` + ``sae.json``) atomically; returns the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; a saved SAE is an ordinary directory
+        with atomic_dir(path) as tmp:
             arrays = dict(nn.utils.tree_flatten(self.parameters()))
             mx.save_safetensors(str(tmp / WEIGHTS_FILE), arrays, metadata={"format": FORMAT})
             config = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -199,16 +195,6 @@ class SAE(nn.Module):
                       "normalize_input": self.normalize_input,
                       "tied_weights": self.tied_weights, "metadata": _jsonable(self.metadata)}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-            old = None
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / "sae")
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from saelab.config import DataConfig, SAEConfig, TrialConfig, trial_from_dict
-from saelab.paths import outputs_root
+from saelab.paths import atomic_write_text, outputs_root
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +69,6 @@ def validate_trial(cfg: TrialConfig):
                          f"allowed: 0..{info.n_layers - 1}")
     cfg.sae.check_dims(info.d_model)
     return info
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str | Path | None = None,
@@ -143,7 +136,7 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
                          history=history.history,
                          wandb_run_dir=wandb_cb.run_dir if wandb_cb is not None else None,
                          sae=sae)
-    _write_json(out / "metrics.json", result.to_dict())
+    atomic_write_text(out / "metrics.json", json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
 

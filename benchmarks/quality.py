@@ -27,6 +27,7 @@ VARIANTS = {
     "lr2e-3": {"learning_rate": 2e-3},
     "lr2e-3_auxk8": {"learning_rate": 2e-3, "auxk_coefficient": 0.125},
     "lr1.5e-3": {"learning_rate": 1.5e-3},
+    "noclip": {"gradient_clip": 0.0},
 }
 
 

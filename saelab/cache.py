@@ -226,9 +226,7 @@ def ensure_activations(model_cfg: ModelConfig, data_cfg: DataConfig,
         corpus_identity(data_cfg)  # validates data.paths before any model work
     info = model_info(model_cfg)
     for layer, _ in pairs:
-        if not 0 <= layer < info.n_layers:
-            raise ValueError(f"layer={layer} is not valid; allowed: 0..{info.n_layers - 1} "
-                             f"({info.name} has {info.n_layers} layers)")
+        info.check_layer(layer)
     root = Path(root) if root is not None else activation_cache_root()
     jobs = []
     for layer, comp in pairs:

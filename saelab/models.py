@@ -67,6 +67,12 @@ class ModelInfo:
     identity: str
     """Changes whenever the weights (or their dtype) change; part of activation-cache keys."""
 
+    def check_layer(self, layer: int) -> None:
+        """Raise ValueError naming ``layer`` and the valid range unless it is a layer of this model."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer={layer} is not valid for {self.name}; "
+                             f"allowed: 0..{self.n_layers - 1}")
+
 
 # ---------------------------------------------------------------- resolution
 

@@ -59,14 +59,13 @@ CALLBACK_FACTORIES: list[Callable[[TrialConfig], Any]] = []
 """Factories called by the Hydra task for each trial (the sweeper adds its Optuna callback)."""
 
 
-def validate_trial(cfg: TrialConfig):
-    """Checks that need the model's shape; cheap (no weights loaded). Returns ModelInfo."""
+def validate_trial(cfg: TrialConfig, info: Any = None):
+    """Checks that need the model's shape; cheap (no weights loaded). Returns ModelInfo
+    (``info`` skips looking it up again)."""
     from saelab.models import model_info
 
-    info = model_info(cfg.model)
-    if not 0 <= cfg.layer < info.n_layers:
-        raise ValueError(f"layer={cfg.layer} is not valid for {info.name}; "
-                         f"allowed: 0..{info.n_layers - 1}")
+    info = info or model_info(cfg.model)
+    info.check_layer(cfg.layer)
     cfg.sae.check_dims(info.d_model)
     return info
 

@@ -157,6 +157,7 @@ def validate_search_space(task: dict, space: SearchSpace, groups: Sequence[str] 
     ValueError naming the key or point; returns the number of points checked."""
     from saelab.config import trial_from_dict
     from saelab.models import model_info
+    from saelab.trial import validate_trial
 
     keys = []
     for key in space.distributions:
@@ -192,11 +193,7 @@ def validate_search_space(task: dict, space: SearchSpace, groups: Sequence[str] 
             mkey = (cfg.model.name, cfg.model.dtype)
             if mkey not in infos:
                 infos[mkey] = model_info(cfg.model)
-            info = infos[mkey]
-            if not 0 <= cfg.layer < info.n_layers:
-                raise ValueError(f"layer={cfg.layer} is not valid for {info.name}; allowed: "
-                                 f"0..{info.n_layers - 1}")
-            cfg.sae.check_dims(info.d_model)
+            validate_trial(cfg, infos[mkey])
         except (ValueError, TypeError) as e:
             raise ValueError(f"sweep point {where}: {e}") from e
     return len(points)

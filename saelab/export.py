@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import optuna
-from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from saelab.config import StudyConfig, trial_from_dict
 from saelab.paths import atomic_dir
+from saelab.study import load_existing_study, objectives_of
 
 KEYWORDS = ("min", "max", "where", "and")
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
@@ -59,36 +59,6 @@ SAELENS_HOOKS = {"mlp": "hook_mlp_out", "attn": "hook_attn_out", "output": "hook
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens version whose ``cfg.json`` layout is written (>= 6.0 skips its legacy-config path)."""
 HF_MODEL_IDS = {"smollm2_135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-
-
-# ---------------------------------------------------------------- storage & study
-
-def open_existing_storage(url: str) -> BaseStorage:
-    """Open an Optuna storage that must already exist (never creates an empty database)."""
-    from saelab.study import open_storage
-
-    for scheme in ("sqlite:///", "journal://"):
-        if url.startswith(scheme) and url != "sqlite:///:memory:":
-            path = Path(url[len(scheme):]).expanduser()
-            if not path.is_file():
-                raise ValueError(f"--storage={url!r} does not exist ({path.resolve()} is not a file); "
-                                 "allowed: the storage a sweep wrote, e.g. sqlite:///outputs/optuna.db")
-    return open_storage(StudyConfig(storage=url))
-
-
-def load_existing_study(name: str, storage_url: str) -> optuna.Study:
-    """Load study ``name``; a clear ValueError (listing the studies there) if it is absent."""
-    storage = open_existing_storage(storage_url)
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise ValueError(f"study={name!r} is not in {storage_url}; allowed: "
-                         f"{', '.join(sorted(names)) or '(no studies in this storage)'}")
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def objectives_of(study: optuna.Study) -> list[str]:
-    return list(study.user_attrs.get("objectives") or
-                [f"value_{i}" for i in range(len(study.directions))])
 
 
 # ---------------------------------------------------------------- selection

@@ -25,7 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
 from saelab.paths import atomic_write_text
-from saelab.export import KEY_METRICS, fmt_value, objectives_of as _objectives
+from saelab.export import KEY_METRICS, fmt_value
+from saelab.study import objectives_of as _objectives
 
 NMSE, DEAD, L0 = "val/nmse", "val/dead_fraction", "val/l0"
 LAYOUT = dict(template="plotly_white", height=460, margin=dict(l=60, r=30, t=60, b=50))

@@ -164,6 +164,33 @@ def open_study(cfg: StudyConfig, storage: Optional[BaseStorage] = None) -> optun
     return study
 
 
+def open_existing_storage(url: str) -> BaseStorage:
+    """Open an Optuna storage that must already exist (never creates an empty database)."""
+    for scheme in ("sqlite:///", "journal://"):
+        if url.startswith(scheme) and url != "sqlite:///:memory:":
+            path = Path(url[len(scheme):]).expanduser()
+            if not path.is_file():
+                raise ValueError(f"--storage={url!r} does not exist: no such database file "
+                                 f"{path.resolve()}; "
+                                 "allowed: the storage a sweep wrote, e.g. sqlite:///outputs/optuna.db")
+    return open_storage(StudyConfig(storage=url))
+
+
+def load_existing_study(name: str, storage_url: str) -> optuna.Study:
+    """Load study ``name``; a clear ValueError (listing the studies there) if it is absent."""
+    storage = open_existing_storage(storage_url)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise ValueError(f"study={name!r} is not in {storage_url}; allowed: "
+                         f"{', '.join(sorted(names)) or '(no studies in this storage)'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def objectives_of(study: optuna.Study) -> list[str]:
+    return list(study.user_attrs.get("objectives") or
+                [f"value_{i}" for i in range(len(study.directions))])
+
+
 # ---------------------------------------------------------------- workers & budget
 
 def _start_time(pid: int) -> Optional[str]:
@@ -404,7 +431,7 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, out
 def trial_rows(study: optuna.Study) -> tuple[list[str], list[list[Any]]]:
     """One row per trial: number, state, Pareto mark, params, objectives, key metrics, reason."""
     trials = study.get_trials(deepcopy=False)
-    objectives = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    objectives = objectives_of(study)
     pareto = {t.number for t in study.best_trials} if any(
         t.state == TrialState.COMPLETE for t in trials) else set()
     params = sorted({p for t in trials for p in t.params})
@@ -459,8 +486,11 @@ def print_trials(study: optuna.Study) -> None:
 
 
 def log_summary_run(study: optuna.Study, project: str, directory: str) -> Optional[str]:
-    """One W&B run per study: a table of all trials with the Pareto set marked."""
+    """One W&B run per study: a table of all trials with the Pareto set marked, and the
+    report's figures (Pareto front, NMSE vs L0/expansion, history, importances, curves)."""
     import wandb
+
+    from saelab.report import report_figures
 
     cols, rows = trial_rows(study)
     run = wandb.init(project=project, group=study.study_name, name=f"{study.study_name}-summary",
@@ -471,10 +501,12 @@ def log_summary_run(study: optuna.Study, project: str, directory: str) -> Option
     table = wandb.Table(columns=[c.replace("pareto", "is_pareto") for c in cols],
                         data=[[v if not isinstance(v, float) or math.isfinite(v) else None
                                for v in r] for r in rows])
-    run.log({"trials": table})
+    pareto = [r[0] for r in rows if r[2]]
+    figures = report_figures(study, [t for t in study.get_trials(deepcopy=False) if t.number in pareto])
+    run.log({"trials": table, **{f"report/{name}": fig for name, fig in figures.items()}})
     b = budget(study)
     run.summary.update({"n_complete": b.complete, "n_pruned": b.pruned, "n_failed": b.failed,
-                        "pareto_trials": [r[0] for r in rows if r[2]]})
+                        "pareto_trials": pareto})
     run_dir = os.path.dirname(run.dir)
     run.finish()
     return run_dir
@@ -486,19 +518,10 @@ def trials_main(argv: Sequence[str]) -> int:
     p.add_argument("study", help="study name (study.name of the sweep)")
     p.add_argument("--storage", default=StudyConfig.storage, help="Optuna storage URL")
     args = p.parse_args(list(argv))
-    db = args.storage[len("sqlite:///"):] if args.storage.startswith("sqlite:///") else None
-    if db is not None and not Path(db).expanduser().is_file():  # don't create an empty database
-        print(f"saelab trials: --storage={args.storage!r}: no such database file", file=sys.stderr)
-        return 2
     try:
-        storage = open_storage(StudyConfig(name=args.study, storage=args.storage))
+        study = load_existing_study(args.study, args.storage)
     except ValueError as e:
         print(f"saelab trials: {e}", file=sys.stderr)
         return 2
-    names = optuna.get_all_study_names(storage)
-    if args.study not in names:
-        print(f"saelab trials: study {args.study!r} not in {args.storage}; allowed: "
-              f"{', '.join(names) or '(no studies)'}", file=sys.stderr)
-        return 2
-    print_trials(optuna.load_study(study_name=args.study, storage=storage))
+    print_trials(study)
     return 0

@@ -233,7 +233,7 @@ def test_records_and_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "study t: 7 trials" in out and "guard: too dead" in out and "PRUNED" in out
     assert st.trials_main(["nope", "--storage", cfg.storage]) == 2
-    assert "'nope' not in" in capsys.readouterr().err
+    assert "study='nope' is not in" in capsys.readouterr().err
     assert st.trials_main(["t", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "no such database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
 

@@ -75,7 +75,13 @@ def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
         assert run["config"]["wandb_group"] == "four"
     summary = [d for d in (tmp_path / "out/wandb").glob("offline-run-*")
                if d.name not in {Path(t.user_attrs["wandb_run_dir"]).name for t in trials}]
-    assert len(summary) == 1 and read_run(summary[0])["config"]["study"] == "four"
+    assert len(summary) == 1
+    summary_run = read_run(summary[0])
+    assert summary_run["config"]["study"] == "four"
+    # media (the trials table, plotly figures) are logged as files: <key>/_type, <key>/path, ...
+    summary_media = {k.rsplit("/", 1)[0] for h in summary_run["history"] for k in h
+                     if k.endswith("/_type")}
+    assert {"trials", "report/pareto_front", "report/nmse_vs_l0"} <= summary_media, summary_media
     assert (tmp_path / "out/studies/four/optimization_results.yaml").exists()
     assert st.trials_main(["four", "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
     table = capsys.readouterr().out

@@ -28,7 +28,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
@@ -42,6 +42,55 @@ WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae.json"
 FORMAT = "saelab.topk_sae"
 FORMAT_VERSION = 1
+
+GATHER_MAX = 64
+"""Above this many codes per token, gathering [tokens, codes, d_model] decoder rows
+costs more than a dense [tokens, d_hidden] code times the decoder (BLAS)."""
+
+
+# -- the one TopK encode/decode: the SAE, the training steps and the validator call these --
+
+class Codes(NamedTuple):
+    """The k selected latents of each token."""
+
+    values: mx.array
+    """[..., k] codes after the ReLU (a selected latent with pre-activation <= 0 gives 0)."""
+    indices: mx.array
+    """[..., k] latent indices (unsorted within a token)."""
+    selected: mx.array
+    """[..., k] the selected pre-activations before the ReLU (their sign gates gradients)."""
+
+
+def pre_activations(params: dict, x: mx.array) -> mx.array:
+    """``(x - b_dec) @ W_enc.T + b_enc`` for normalized ``x`` [n, d_model]. One form
+    everywhere: near-ties at the k-th value can flip between algebraically equal forms."""
+    return (x - params["b_dec"]) @ params["W_enc"].T + params["b_enc"]
+
+
+def topk_codes(pre: mx.array, k: int, select: Callable[[mx.array, int], mx.array] = fast_topk
+               ) -> Codes:
+    """The k largest pre-activations of each row of ``pre`` [n, d_hidden], ReLU'd.
+    ``select`` picks the indices (``fast_topk``; the reference step passes argpartition)."""
+    idx = mx.stop_gradient(select(pre, k))  # integer indices: no gradient (autodiff needs this)
+    selected = mx.take_along_axis(pre, idx, axis=-1)
+    return Codes(mx.maximum(selected, 0), idx, selected)
+
+
+def decode_codes(w_dec: mx.array, values: mx.array, indices: mx.array) -> mx.array:
+    """``sum_j values[:, j] * w_dec[indices[:, j]]`` [n, d_model] (no bias): a gather of
+    the active decoder rows, or a dense code times ``w_dec`` for wide codes (AuxK)."""
+    if indices.shape[-1] <= GATHER_MAX:
+        return (values[:, None, :] @ w_dec[indices])[:, 0, :]
+    dense = mx.put_along_axis(mx.zeros((indices.shape[0], w_dec.shape[0]), values.dtype),
+                              indices, values, axis=-1)
+    return dense @ w_dec
+
+
+def decode_codes_vjp(w_dec: mx.array, indices: mx.array, g_out: mx.array) -> mx.array:
+    """Gradient of ``decode_codes`` w.r.t. ``values`` given the output gradient ``g_out``."""
+    if indices.shape[-1] <= GATHER_MAX:
+        return (w_dec[indices] @ g_out[:, :, None])[..., 0]
+    return mx.take_along_axis(g_out @ w_dec.T, indices, axis=-1)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -121,21 +170,25 @@ class SAE(nn.Module):
         self._metadata.update(items)
 
     # -- forward ------------------------------------------------------------
-    def pre_activations(self, x: mx.array) -> mx.array:
-        """``(x * input_scale - b_dec) @ W_enc.T + b_enc`` for raw ``x`` [..., d_model]."""
+    def normalize(self, x: mx.array) -> mx.array:
+        """Raw activations [..., d_model] -> the SAE's normalized float32 input space."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"input last dimension {x.shape[-1]} != d_model={self.d_model}")
-        x = x.astype(mx.float32) * self.input_scale
-        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        return x.astype(mx.float32) * self.input_scale
+
+    def pre_activations(self, x: mx.array) -> mx.array:
+        """``(x * input_scale - b_dec) @ W_enc.T + b_enc`` for raw ``x`` [..., d_model]."""
+        x = self.normalize(x)
+        lead = x.shape[:-1]
+        pre = pre_activations(self, x.reshape(-1, self.d_model))  # a Module is a dict of its arrays
+        return pre.reshape(*lead, self.d_hidden)
 
     def encode_topk(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """(values, indices), each [..., k]: the k selected latents per token, ReLU'd."""
         pre = self.pre_activations(x)
         lead = pre.shape[:-1]
-        flat = pre.reshape(-1, self.d_hidden)
-        idx = fast_topk(flat, self.k)
-        values = mx.maximum(mx.take_along_axis(flat, idx, axis=-1), 0)
-        return values.reshape(*lead, self.k), idx.reshape(*lead, self.k)
+        codes = topk_codes(pre.reshape(-1, self.d_hidden), self.k)
+        return codes.values.reshape(*lead, self.k), codes.indices.reshape(*lead, self.k)
 
     def encode(self, x: mx.array) -> mx.array:
         """Dense sparse codes [..., d_hidden] (at most k nonzero per token)."""
@@ -148,10 +201,11 @@ class SAE(nn.Module):
         return (features @ self.decoder_weight + self.b_dec) / self.input_scale
 
     def decode_topk(self, values: mx.array, indices: mx.array) -> mx.array:
-        """Raw-scale reconstruction from (values, indices) [..., k]: gathers k decoder rows."""
-        rows = self.decoder_weight[indices]  # [..., k, d_model]
-        out = (values[..., None, :] @ rows)[..., 0, :]
-        return (out + self.b_dec) / self.input_scale
+        """Raw-scale reconstruction from (values, indices) [..., k]."""
+        lead = values.shape[:-1]
+        flat = decode_codes(self.decoder_weight, values.reshape(-1, values.shape[-1]),
+                            indices.reshape(-1, indices.shape[-1]))
+        return ((flat + self.b_dec) / self.input_scale).reshape(*lead, self.d_model)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.decode_topk(*self.encode_topk(x))

@@ -12,22 +12,52 @@ with FVU = sum of squared errors / sum of squared deviations of the batch
 from its mean (sparsify's normalized MSE), in the SAE's normalized space.
 
 State: {"params", "m", "v" (Adam moments), "tsf" (tokens since each latent
-last fired)}. A step returns (state, metrics) with metrics = [loss, fvu,
-auxk, l1, l0, dead latents after the step].
+last fired)}. A step returns (state, metrics): ``metrics`` is one array laid
+out as ``StepMetrics``' fields (``StepMetrics.pack`` inside the step,
+``StepMetrics.read`` in the loop: one host transfer per step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
 
 from saelab.config import SAEConfig
-from saelab.topk import argpartition_topk, fast_topk
+from saelab.sae import decode_codes, decode_codes_vjp, pre_activations, topk_codes
+from saelab.topk import argpartition_topk
 
 ADAM_EPS = 1e-8
 _TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
+
+
+class StepMetrics(NamedTuple):
+    """What one step reports, by name (the step packs them into one array)."""
+
+    loss: float
+    """The minimized loss: fvu + auxk_coefficient * auxk + l1_coefficient * l1."""
+    fvu: float
+    """Fraction of the batch's variance unexplained (normalized MSE)."""
+    auxk: float
+    """AuxK loss (0 when no latent is dead)."""
+    l1: float
+    """Mean over tokens of the sum of codes."""
+    l0: float
+    """Mean nonzero codes per token."""
+    dead: float
+    """Latents not fired in the last ``dead_threshold`` tokens, after the step."""
+
+    @classmethod
+    def pack(cls, **values: mx.array) -> mx.array:
+        """One float32 array in field order (inside the compiled step)."""
+        return mx.stack([values[f].astype(mx.float32) for f in cls._fields])
+
+    @classmethod
+    def read(cls, packed: mx.array) -> "StepMetrics":
+        """Host values of a packed array (one transfer)."""
+        return cls(*packed.tolist())
 
 
 @dataclass(frozen=True)
@@ -113,35 +143,33 @@ def _fired_tsf(tsf: mx.array, idx: mx.array, v: mx.array) -> mx.array:
 
 def reference_step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead: int,
                    consts: StepConsts) -> tuple[dict, mx.array]:
-    """Autodiff step: argpartition top-k, dense-code decode, AuxK as sparsify."""
+    """Autodiff step: argpartition top-k, AuxK as sparsify."""
     dead = state["tsf"] > consts.dead_threshold
     k_aux = min(consts.k_aux, num_dead)
 
     def loss_fn(p):
         w_dec = p[_decoder_key(consts)]
-        pre = (x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
-        idx = mx.stop_gradient(argpartition_topk(pre, consts.k))
-        v = mx.maximum(mx.take_along_axis(pre, idx, axis=1), 0)
-        z = mx.put_along_axis(mx.zeros_like(pre), idx, v, axis=1)
-        recon = z @ w_dec + p["b_dec"]
+        pre = pre_activations(p, x)
+        codes = topk_codes(pre, consts.k, select=argpartition_topk)
+        recon = decode_codes(w_dec, codes.values, codes.indices) + p["b_dec"]
         tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
         fvu = mx.sum(mx.square(recon - x)) / tv
         auxk = mx.array(0.0)
         if k_aux:
-            aidx = mx.stop_gradient(argpartition_topk(mx.where(dead, pre, -mx.inf), k_aux))
-            av = mx.maximum(mx.take_along_axis(pre, aidx, axis=1), 0)
-            e_hat = mx.put_along_axis(mx.zeros_like(pre), aidx, av, axis=1) @ w_dec
+            aux = topk_codes(mx.where(dead, pre, -mx.inf), k_aux, select=argpartition_topk)
+            e_hat = decode_codes(w_dec, aux.values, aux.indices)
             resid = mx.stop_gradient(x - recon)
             auxk = min(num_dead / consts.k_aux, 1.0) * mx.sum(mx.square(e_hat - resid)) / tv
-        l1 = mx.sum(v) / x.shape[0]
+        l1 = mx.sum(codes.values) / x.shape[0]
         loss = fvu + consts.auxk_coefficient * auxk + consts.l1_coefficient * l1
-        return loss, (fvu, auxk, l1, mx.sum(v > 0) / x.shape[0], idx, v)
+        return loss, (fvu, auxk, l1, codes)
 
-    (loss, (fvu, auxk, l1, l0, idx, v)), grads = mx.value_and_grad(loss_fn)(state["params"])
+    (loss, (fvu, auxk, l1, codes)), grads = mx.value_and_grad(loss_fn)(state["params"])
     new = _apply_update(state, grads, lr, t, consts)
-    new["tsf"] = _fired_tsf(state["tsf"], idx, v)
-    dead_after = mx.sum(new["tsf"] > consts.dead_threshold)
-    return new, mx.stack([loss, fvu, auxk, l1, l0, dead_after.astype(mx.float32)])
+    new["tsf"] = _fired_tsf(state["tsf"], codes.indices, codes.values)
+    return new, StepMetrics.pack(loss=loss, fvu=fvu, auxk=auxk, l1=l1,
+                                 l0=mx.sum(codes.values > 0) / x.shape[0],
+                                 dead=mx.sum(new["tsf"] > consts.dead_threshold))
 
 
 def _weight_grad(idx: mx.array, vals: mx.array, rows: mx.array, h: int, mode: str) -> mx.array:
@@ -162,20 +190,12 @@ def _weight_grad(idx: mx.array, vals: mx.array, rows: mx.array, h: int, mode: st
     return out.reshape(h, rows.shape[1])
 
 
-def _sparse_decode(w: mx.array, idx: mx.array, v: mx.array, g_fn):
-    """Decode codes (idx, v) by gathering decoder rows; returns (out, g_v) where
-    g_v is the gradient w.r.t. v given the output gradient from ``g_fn(out)``.
-    Above 64 codes per token the [tokens, codes, d] gather costs more than
-    dense BLAS matmuls, so wide codes (AuxK) go dense."""
-    if idx.shape[1] <= 64:
-        rows = w[idx]
-        out = (v[:, None, :] @ rows)[:, 0, :]
-        g_out = g_fn(out)
-        return out, g_out, (rows @ g_out[:, :, None])[..., 0]
-    z = mx.put_along_axis(mx.zeros((idx.shape[0], w.shape[0])), idx, v, axis=1)
-    out = z @ w
+def _decode_with_grad(w: mx.array, codes_values: mx.array, idx: mx.array, g_fn):
+    """Decode codes and return (out, g_out, g_values): ``g_out = g_fn(out)`` is the
+    gradient w.r.t. the output, ``g_values`` the gradient w.r.t. the codes."""
+    out = decode_codes(w, codes_values, idx)
     g_out = g_fn(out)
-    return out, g_out, mx.take_along_axis(g_out @ w.T, idx, axis=1)
+    return out, g_out, decode_codes_vjp(w, idx, g_out)
 
 
 def _fast_grads(p: dict, x: mx.array, tsf: mx.array, aux_width: int, consts: StepConsts):
@@ -183,32 +203,30 @@ def _fast_grads(p: dict, x: mx.array, tsf: mx.array, aux_width: int, consts: Ste
     n, h, mode = x.shape[0], consts.d_hidden, consts.grad_mode
     w_dec = p[_decoder_key(consts)]
     xc = x - p["b_dec"]
-    pre = xc @ p["W_enc"].T + p["b_enc"]
-    idx = fast_topk(pre, consts.k)
-    pre_k = mx.take_along_axis(pre, idx, axis=1)
-    v = mx.maximum(pre_k, 0)
+    pre = pre_activations(p, x)
+    codes = topk_codes(pre, consts.k)
+    idx, v = codes.indices, codes.values
     tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
-    recon, g_r, g_v = _sparse_decode(w_dec, idx, v, lambda out: (2 / tv) * (out + p["b_dec"] - x))
+    recon, g_r, g_v = _decode_with_grad(w_dec, v, idx,
+                                        lambda out: (2 / tv) * (out + p["b_dec"] - x))
     r = recon + p["b_dec"] - x
     fvu = mx.sum(mx.square(r)) / tv
     l1 = mx.sum(v) / n
-    g_pre = mx.where(pre_k > 0, g_v + consts.l1_coefficient / n, 0)
+    g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient / n, 0)
     enc_idx, enc_vals = [idx], [g_pre]
     g_wdec = _weight_grad(idx, v, g_r, h, mode)
     auxk = mx.array(0.0)
     if aux_width:
         dead = tsf > consts.dead_threshold
         scale = mx.minimum(mx.sum(dead).astype(mx.float32) / consts.k_aux, 1.0)
-        masked = mx.where(dead, pre, -mx.inf)
-        aidx = fast_topk(masked, aux_width)
-        a_pre = mx.take_along_axis(masked, aidx, axis=1)  # -inf where not dead -> code 0
-        av = mx.maximum(a_pre, 0)
+        aux = topk_codes(mx.where(dead, pre, -mx.inf), aux_width)  # -inf where alive -> code 0
         coef = 2 * consts.auxk_coefficient * scale / tv
-        e_hat, g_e, g_av = _sparse_decode(w_dec, aidx, av, lambda out: coef * (out + r))
+        e_hat, g_e, g_av = _decode_with_grad(w_dec, aux.values, aux.indices,
+                                             lambda out: coef * (out + r))
         auxk = scale * mx.sum(mx.square(e_hat + r)) / tv
-        enc_idx.append(aidx)
-        enc_vals.append(mx.where(a_pre > 0, g_av, 0))
-        g_wdec = g_wdec + _weight_grad(aidx, av, g_e, h, mode)
+        enc_idx.append(aux.indices)
+        enc_vals.append(mx.where(aux.selected > 0, g_av, 0))
+        g_wdec = g_wdec + _weight_grad(aux.indices, aux.values, g_e, h, mode)
     all_idx, all_g = mx.concatenate(enc_idx, axis=1), mx.concatenate(enc_vals, axis=1)
     g_benc = mx.zeros((h,)).at[all_idx.reshape(-1)].add(all_g.reshape(-1))
     grads = {"W_enc": _weight_grad(all_idx, all_g, xc, h, mode), "b_enc": g_benc,
@@ -218,7 +236,7 @@ def _fast_grads(p: dict, x: mx.array, tsf: mx.array, aux_width: int, consts: Ste
     else:
         grads["W_dec"] = g_wdec
     loss = fvu + consts.auxk_coefficient * auxk + consts.l1_coefficient * l1
-    return grads, idx, v, mx.stack([loss, fvu, auxk, l1, mx.sum(v > 0) / n])
+    return grads, codes, dict(loss=loss, fvu=fvu, auxk=auxk, l1=l1, l0=mx.sum(v > 0) / n)
 
 
 def make_fast_step(consts: StepConsts):
@@ -228,12 +246,12 @@ def make_fast_step(consts: StepConsts):
 
     def build(aux_width: int):
         def step(state, x, lr, t):
-            grads, idx, v, metrics = _fast_grads(state["params"], x, state["tsf"], aux_width,
-                                                 consts)
+            grads, codes, metrics = _fast_grads(state["params"], x, state["tsf"], aux_width,
+                                                consts)
             new = _apply_update(state, grads, lr, t, consts)
-            new["tsf"] = _fired_tsf(state["tsf"], idx, v)
-            dead_after = mx.sum(new["tsf"] > consts.dead_threshold).astype(mx.float32)
-            return new, mx.concatenate([metrics, dead_after[None]])
+            new["tsf"] = _fired_tsf(state["tsf"], codes.indices, codes.values)
+            dead = mx.sum(new["tsf"] > consts.dead_threshold)
+            return new, StepMetrics.pack(**metrics, dead=dead)
         return mx.compile(step)
 
     def fast_step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead: int):

@@ -37,14 +37,17 @@ import mlx.core as mx
 from tqdm.auto import tqdm
 
 from saelab.config import SAEConfig
-from saelab.sae import SAE
-from saelab.steps import StepConsts, make_fast_step, reference_step
-from saelab.topk import fast_topk
+from saelab.sae import SAE, decode_codes, pre_activations, topk_codes
+from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
 
 STAT_SAMPLE = 32_768
 """Tokens sampled for the input scale and the b_dec initialization (as openai)."""
 
 EVAL_BATCH = 4096
+
+TRAIN_METRICS = {"loss": "train/loss", "fvu": "train/recon_loss", "auxk": "train/auxk_loss",
+                 "l1": "train/l1_loss", "l0": "train/l0"}
+"""StepMetrics fields averaged over the ``log_every`` window -> their logged names."""
 
 
 class StopTraining(Exception):
@@ -168,10 +171,9 @@ class _Validator:
     @staticmethod
     def _batch(params: dict, x: mx.array, k: int) -> tuple:
         w_dec = params.get("W_dec", params["W_enc"])
-        pre = (x - params["b_dec"]) @ params["W_enc"].T + params["b_enc"]
-        idx = fast_topk(pre, k)
-        v = mx.maximum(mx.take_along_axis(pre, idx, axis=1), 0)
-        recon = (v[:, None, :] @ w_dec[idx])[:, 0, :] + params["b_dec"]
+        pre = pre_activations(params, x)
+        v, idx, _ = topk_codes(pre, k)
+        recon = decode_codes(w_dec, v, idx) + params["b_dec"]
         fired = mx.zeros((pre.shape[1],), mx.int32).at[idx.reshape(-1)].add(
             (v > 0).reshape(-1).astype(mx.int32))
         return mx.sum(mx.square(recon - x), axis=1), mx.sum(v > 0), mx.sum(v), fired
@@ -233,8 +235,7 @@ def train_sae_on_arrays(train: np.ndarray, val: np.ndarray, cfg: SAEConfig, *,
     for cb in callbacks:
         cb.on_start(run_config)
 
-    names = ("train/loss", "train/recon_loss", "train/auxk_loss", "train/l1_loss", "train/l0")
-    window, num_dead, last_val = np.zeros(len(names)), 0, {}
+    window, num_dead, last_val = np.zeros(len(TRAIN_METRICS)), 0, {}
     bar = tqdm(total=total, desc="Training", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -249,18 +250,18 @@ def train_sae_on_arrays(train: np.ndarray, val: np.ndarray, cfg: SAEConfig, *,
             mx.async_eval(state, out)
             if step + 1 < total:  # gather the next batch while the step runs
                 x = mx.array(np.asarray(train[next(batches)], dtype=np.float32)) * scale
-            vals = out.tolist()
-            if not all(math.isfinite(v) for v in vals):
+            got = StepMetrics.read(out)
+            if not all(math.isfinite(v) for v in got):
                 raise TrainingDiverged(
-                    f"loss became {vals[0]} at step {step + 1} (learning_rate={lrs[step]:.3g}); "
+                    f"loss became {got.loss} at step {step + 1} (learning_rate={lrs[step]:.3g}); "
                     "lower learning_rate or check the activations for NaN/inf")
-            window += vals[:5]
-            num_dead = int(vals[5])
+            window += [getattr(got, f) for f in TRAIN_METRICS]
+            num_dead = int(got.dead)
             bar.update(1)
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 count = (done - 1) % cfg.log_every + 1
-                metrics = dict(zip(names, (window / count).tolist()))
+                metrics = dict(zip(TRAIN_METRICS.values(), (window / count).tolist()))
                 metrics |= {"train/dead_fraction": num_dead / sae.d_hidden,
                             "train/learning_rate": float(lrs[step]),
                             "train/tokens": done * cfg.batch_size}

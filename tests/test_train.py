@@ -9,7 +9,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from saelab.config import SAEConfig
-from saelab.steps import StepConsts, make_fast_step, reference_step
+from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
 from saelab.train import (Callback, StopTraining, TrainingDiverged, init_sae, lr_schedule,
                           train_sae_on_arrays)
 
@@ -138,9 +138,11 @@ def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1):
     lr, t = mx.array(1e-3), mx.array(1.0)
     ref_state, ref_out = reference_step(state, x, lr, t, dead, consts)
     fast_state, fast_out = make_fast_step(consts)(state, x, lr, t, dead)
-    assert np.allclose(np.array(fast_out), np.array(ref_out), rtol=1e-4, atol=1e-6)
+    ref_m, fast_m = StepMetrics.read(ref_out), StepMetrics.read(fast_out)
+    assert np.allclose(fast_m, ref_m, rtol=1e-4, atol=1e-6), (fast_m, ref_m)
+    assert ref_m.l0 == cfg.k
     if dead:
-        assert float(ref_out[2]) > 0  # AuxK active
+        assert ref_m.auxk > 0  # AuxK active
     for part in ("params", "m"):
         for key, ref in ref_state[part].items():
             ref, got = np.array(ref), np.array(fast_state[part][key])

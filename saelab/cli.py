@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "prepare":
         return _run_hydra(rest, _prepare_task)
     if cmd == "trials":
-        from saelab.study import trials_main
+        from saelab.trials import trials_main
 
         return trials_main(rest)
     if cmd == "export":
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_main(rest)
     if cmd == "dashboard":
-        from saelab.export import dashboard_main
+        from saelab.trials import dashboard_main
 
         return dashboard_main(rest)
     print(f"saelab: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
 from saelab.paths import atomic_write_text
-from saelab.export import KEY_METRICS, fmt_value
+from saelab.selection import KEY_METRICS, fmt_value, select_trials
 from saelab.study import objectives_of as _objectives
 
 NMSE, DEAD, L0 = "val/nmse", "val/dead_fraction", "val/l0"
@@ -270,8 +270,6 @@ def write_report(study: optuna.Study, out_path: str | os.PathLike,
     """Write ``report.html`` atomically. ``trials`` default to what ``saelab export``
     would pick (the Pareto set, or the top trials of a single-objective study)."""
     if trials is None:
-        from saelab.export import select_trials
-
         trials = select_trials(study)[0] if _complete(study) else []
     return atomic_write_text(out_path, render_report(study, trials))
 

@@ -1,114 +1,33 @@
-"""The Optuna side of a sweep: storage, study, samplers, pruners, the training
-callback, the records each trial leaves, and the ``saelab trials`` table.
+"""The Optuna study of a sweep: creating and loading it, its samplers and
+pruners, the training callback that reports, prunes and guards, and the record
+each trial leaves.
 
 The Hydra sweeper (``hydra_plugins/saelab_sweeper``) drives these; so can any
 script. A trial's record lives in its user attributes: ``config`` (the
 resolved trial config), ``metrics`` (final), ``history`` (validation metrics
 at each evaluation), ``sae_path``, ``run_dir``, ``wandb_run_dir``,
-``constraints`` and ``prune_reason``/``fail_reason``.
-
-Dead workers: every running trial beats in the storage (Optuna's RDB
-heartbeat; the journal storage gets the same through system attributes here)
-and carries its worker's ``host:pid:start``. A trial whose worker is gone is
-failed and re-queued with the same params (``RetryHeartbeatStaleTrialCallback``):
-at once when the worker ran on this machine, after ``grace_period`` otherwise.
+``constraints`` and ``prune_reason``/``fail_reason``. Storages and worker
+liveness are ``saelab.storage``'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
-import os
-import socket
-import sys
-import tempfile
-import time
 import traceback
-import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Optional, Sequence
 
 import optuna
-from filelock import FileLock
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import DBAPIError
 
 from saelab.config import StudyConfig, TrialConfig
+from saelab.storage import open_existing_storage, open_storage
 from saelab.train import Callback, StopTraining, TrainingDiverged
 
-WORKER_ATTR = "saelab:worker"
-HEARTBEAT_ATTR = "saelab:heartbeat"
-KEY_METRICS = ("val/nmse", "val/nmse_p99", "val/l0", "val/dead_fraction", "time/wall_s")
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# heartbeats, stale-trial failing and retries are "experimental" but stable since Optuna 2.9
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# ask/tell with heartbeats is what the sweeper does on purpose (it runs the heartbeat thread)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-
-
-# ---------------------------------------------------------------- storage & study
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A journal-file storage with heartbeats (Optuna has them for RDB only):
-    the beat is a system attribute, so ``fail_stale_trials`` works the same."""
-
-    def __init__(self, path: str, heartbeat_interval: int, grace_period: int, callback) -> None:
-        super().__init__(JournalFileBackend(path))
-        self.url = f"journal://{path}"
-        self._interval, self._grace, self._callback = heartbeat_interval, grace_period, callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running
-                if HEARTBEAT_ATTR in t.system_attrs and now - t.system_attrs[HEARTBEAT_ATTR] > self._grace]
-
-    def get_heartbeat_interval(self) -> int:
-        return self._interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self._callback
-
-
-def open_storage(cfg: StudyConfig) -> BaseStorage:
-    """``sqlite:///rel/path`` (relative to the cwd; parent dirs created),
-    ``journal:///path``, or any SQLAlchemy URL (postgresql, mysql); with heartbeats."""
-    url = cfg.storage
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
-    try:
-        if url.startswith("journal://"):
-            path = Path(url[len("journal://"):]).expanduser().resolve()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return HeartbeatJournalStorage(str(path), cfg.heartbeat_interval, cfg.grace_period, retry)
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            path = Path(url[len("sqlite:///"):]).expanduser().resolve()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{path}"
-        # SQLite: wait on a locked database instead of failing at once (several workers write)
-        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        for attempt in range(3):  # workers starting together may race to create the schema
-            try:
-                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
-                                  grace_period=cfg.grace_period, heartbeat_stale_trial_callback=retry)
-            except DBAPIError:
-                if attempt == 2:
-                    raise
-                time.sleep(1.0)
-    except Exception as e:  # noqa: BLE001  (any driver error means: cannot be opened)
-        raise ValueError(f"study.storage={cfg.storage!r} cannot be opened ({type(e).__name__}: {e}); "
-                         "allowed: sqlite:///path.db, journal:///path.log, postgresql://..., "
-                         "mysql://...") from e
-
+# ---------------------------------------------------------------- study
 
 def constraints_of(trial: FrozenTrial) -> list[float]:
     """Optuna ``constraints_func``: <= 0 is feasible; read from the trial's record."""
@@ -164,18 +83,6 @@ def open_study(cfg: StudyConfig, storage: Optional[BaseStorage] = None) -> optun
     return study
 
 
-def open_existing_storage(url: str) -> BaseStorage:
-    """Open an Optuna storage that must already exist (never creates an empty database)."""
-    for scheme in ("sqlite:///", "journal://"):
-        if url.startswith(scheme) and url != "sqlite:///:memory:":
-            path = Path(url[len(scheme):]).expanduser()
-            if not path.is_file():
-                raise ValueError(f"--storage={url!r} does not exist: no such database file "
-                                 f"{path.resolve()}; "
-                                 "allowed: the storage a sweep wrote, e.g. sqlite:///outputs/optuna.db")
-    return open_storage(StudyConfig(storage=url))
-
-
 def load_existing_study(name: str, storage_url: str) -> optuna.Study:
     """Load study ``name``; a clear ValueError (listing the studies there) if it is absent."""
     storage = open_existing_storage(storage_url)
@@ -187,105 +94,10 @@ def load_existing_study(name: str, storage_url: str) -> optuna.Study:
 
 
 def objectives_of(study: optuna.Study) -> list[str]:
+    """The objective metric names the study was created with (``value_<i>`` for a
+    study made outside saelab)."""
     return list(study.user_attrs.get("objectives") or
                 [f"value_{i}" for i in range(len(study.directions))])
-
-
-# ---------------------------------------------------------------- workers & budget
-
-def _start_time(pid: int) -> Optional[str]:
-    try:  # field 22 of /proc/<pid>/stat: start time, tells a reused pid apart
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
-
-
-def worker_alive(worker: str) -> Optional[bool]:
-    """True/False for a worker on this machine, None for another machine's."""
-    host, pid, start = worker.rsplit(":", 2)
-    if host != socket.gethostname():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = _start_time(int(pid))
-    return now is None or start == "None" or now == start
-
-
-def ask_lock(study: optuna.Study) -> FileLock:
-    """Held while counting and asking, so this machine's workers never overshoot n_trials."""
-    storage = study._storage
-    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", "")
-    digest = hashlib.sha1(f"{url}|{study.study_name}".encode()).hexdigest()[:16]
-    return FileLock(str(Path(tempfile.gettempdir()) / f"saelab-study-{digest}.lock"))
-
-
-def claim(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Mark ``trial`` as run by this process."""
-    study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
-
-
-def reap_dead_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
-    """Fail (and re-queue) running trials whose worker died; returns their numbers."""
-    storage, retry = study._storage, RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
-    reaped = []
-    for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
-        worker = t.system_attrs.get(WORKER_ATTR)
-        if worker is None or worker_alive(worker) is not False:
-            continue
-        try:
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {worker} died")
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                retry(study, t)  # the snapshot without fail_reason: the retry starts clean
-                reaped.append(t.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker got there first
-    optuna.storages.fail_stale_trials(study)
-    return reaped
-
-
-@dataclass
-class Budget:
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    running: int = 0
-
-    @property
-    def used(self) -> int:
-        """Trials that count toward ``n_trials``: finished (a failure that was
-        re-queued counts through its retry) plus running."""
-        return self.complete + self.pruned + self.failed + self.running
-
-
-def budget(study: optuna.Study) -> Budget:
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    b = Budget()
-    for t in trials:
-        if t.state == TrialState.COMPLETE:
-            b.complete += 1
-        elif t.state == TrialState.PRUNED:
-            b.pruned += 1
-        elif t.state == TrialState.FAIL and t.number not in retried:
-            b.failed += 1
-        elif t.state == TrialState.RUNNING:
-            b.running += 1
-    return b
-
-
-def unowned_running(study: optuna.Study) -> list[int]:
-    """Running trials not known to be alive on this machine (another machine's,
-    or a dead worker's that the heartbeat has not yet declared stale)."""
-    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not (w := t.system_attrs.get(WORKER_ATTR)) or worker_alive(w) is not True]
 
 
 # ---------------------------------------------------------------- the training callback
@@ -425,103 +237,3 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, out
                          f"not metrics of a trial; allowed: {sorted(outcome.metrics)}")
     return frozen
 
-
-# ---------------------------------------------------------------- tables & summaries
-
-def trial_rows(study: optuna.Study) -> tuple[list[str], list[list[Any]]]:
-    """One row per trial: number, state, Pareto mark, params, objectives, key metrics, reason."""
-    trials = study.get_trials(deepcopy=False)
-    objectives = objectives_of(study)
-    pareto = {t.number for t in study.best_trials} if any(
-        t.state == TrialState.COMPLETE for t in trials) else set()
-    params = sorted({p for t in trials for p in t.params})
-    metrics = [m for m in KEY_METRICS if m not in objectives]
-    cols = ["trial", "state", "pareto", *params, *objectives, *metrics, "reason"]
-    rows = []
-    for t in trials:
-        m = t.user_attrs.get("metrics", {})
-        vals = list(t.values) if t.values else [None] * len(objectives)
-        reason = t.user_attrs.get("prune_reason") or t.user_attrs.get("fail_reason") or ""
-        if t.system_attrs.get("failed_trial") is not None:
-            reason = f"retry of #{t.system_attrs['failed_trial']} {reason}".strip()
-        reason = reason.splitlines()[0][:80] if reason else ""
-        rows.append([t.number, t.state.name, t.number in pareto, *(t.params.get(p) for p in params),
-                     *vals, *(m.get(k) for k in metrics), reason])
-    return cols, rows
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "*" if v else ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def print_trials(study: optuna.Study) -> None:
-    cols, rows = trial_rows(study)
-    title = f"study {study.study_name}: {len(rows)} trials (* = Pareto set)"
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(c), *(len(_fmt(r[i])) for r in rows)) if rows else len(c)
-                  for i, c in enumerate(cols)]
-        print(title)
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        for r in rows:
-            print("  ".join(_fmt(v).ljust(w) for v, w in zip(r, widths)))
-        return
-    table = Table(title=title)
-    for c in cols:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*(_fmt(v) for v in r))
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: no 80-column wrapping
-        console = Console(width=240)
-    console.print(table)
-
-
-def log_summary_run(study: optuna.Study, project: str, directory: str) -> Optional[str]:
-    """One W&B run per study: a table of all trials with the Pareto set marked, and the
-    report's figures (Pareto front, NMSE vs L0/expansion, history, importances, curves)."""
-    import wandb
-
-    from saelab.report import report_figures
-
-    cols, rows = trial_rows(study)
-    run = wandb.init(project=project, group=study.study_name, name=f"{study.study_name}-summary",
-                     job_type="study-summary", dir=directory, reinit="create_new",
-                     mode=os.environ.get("WANDB_MODE", "offline"),
-                     settings=wandb.Settings(silent=True, x_disable_stats=True),
-                     config={"study": study.study_name, **study.user_attrs})
-    table = wandb.Table(columns=[c.replace("pareto", "is_pareto") for c in cols],
-                        data=[[v if not isinstance(v, float) or math.isfinite(v) else None
-                               for v in r] for r in rows])
-    pareto = [r[0] for r in rows if r[2]]
-    figures = report_figures(study, [t for t in study.get_trials(deepcopy=False) if t.number in pareto])
-    run.log({"trials": table, **{f"report/{name}": fig for name, fig in figures.items()}})
-    b = budget(study)
-    run.summary.update({"n_complete": b.complete, "n_pruned": b.pruned, "n_failed": b.failed,
-                        "pareto_trials": pareto})
-    run_dir = os.path.dirname(run.dir)
-    run.finish()
-    return run_dir
-
-
-def trials_main(argv: Sequence[str]) -> int:
-    """``saelab trials STUDY [--storage URL]``."""
-    p = argparse.ArgumentParser(prog="saelab trials", description="Table of a study's trials.")
-    p.add_argument("study", help="study name (study.name of the sweep)")
-    p.add_argument("--storage", default=StudyConfig.storage, help="Optuna storage URL")
-    args = p.parse_args(list(argv))
-    try:
-        study = load_existing_study(args.study, args.storage)
-    except ValueError as e:
-        print(f"saelab trials: {e}", file=sys.stderr)
-        return 2
-    print_trials(study)
-    return 0

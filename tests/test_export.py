@@ -21,8 +21,9 @@ from optuna.trial import TrialState
 import saelab  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 
-from saelab.export import Rule, export_main, select_trials
+from saelab.export import export_main
 from saelab.sae import SAE
+from saelab.selection import Rule, fmt_value, select_trials
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -106,6 +107,8 @@ def test_pareto_export_writes_everything_and_reruns(smoke, tmp_path, capsys):
         assert all(np.array_equal(exported[k], original[k]) for k in original)
     md = (out / "summary.md").read_text()
     assert all(f"| {n} | " in md for n in pareto) and "val/nmse" in md
+    first = by_number[pareto[0]].user_attrs["metrics"]  # the shared formatter: 4 digits, whole as int
+    assert f"| {fmt_value(first['val/nmse'])} |" in md and f"| {int(first['train/tokens'])} |" in md
     assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -249,7 +252,7 @@ def _free_port() -> int:
 
 
 def test_dashboard_serves_the_storage(smoke, tmp_path, capsys):
-    from saelab.export import dashboard_main
+    from saelab.trials import dashboard_main
 
     assert dashboard_main(["smoke", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "none.db").exists()

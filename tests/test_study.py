@@ -1,8 +1,10 @@
 """Unit tests of the sweep's pieces on real Optuna storages: search-space parsing
-and validation, storages, dead-worker recovery, guards, records, the trials table."""
+and validation (saelab.search_space), storages and dead-worker recovery
+(saelab.storage), guards and records (saelab.study), the trials table (saelab.trials)."""
 
 import dataclasses
 import math
+import socket
 import subprocess
 import sys
 import time
@@ -12,12 +14,14 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.saelab_sweeper.saelab_sweeper import (capture_pairs, grid_of,
-                                                         parse_search_space, validate_search_space)
+from saelab import storage as sg
 from saelab import study as st
 from saelab.config import StudyConfig, TrialConfig
+from saelab.search_space import (capture_pairs, grid_of, parse_search_space, trial_overrides,
+                                 validate_search_space)
 from saelab.train import StopTraining, TrainingDiverged
 from saelab.trial import TrialResult
+from saelab.trials import trial_rows, trials_main
 
 
 def base_task() -> dict:
@@ -38,6 +42,9 @@ def test_parse_params_and_command_line():
     assert d["component"] == CategoricalDistribution(["mlp", "output"])
     assert "sae.expansion_factor" not in d  # fixed on the command line
     assert space.fixed == ["sweep=quick", "study.n_trials=3", "sae.expansion_factor=8"]
+    assert trial_overrides(space, {"sae.learning_rate": 1e-4, "sae.use_wandb": False,
+                                   "data.subset": None}) == [
+        *space.fixed, "sae.learning_rate=0.0001", "sae.use_wandb=false", "data.subset=null"]
 
 
 @pytest.mark.parametrize("params, match", [
@@ -105,7 +112,7 @@ def test_storage_urls(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     for url in ("nosuchdb://x/y", f"sqlite:///{tmp_path}/afile/optuna.db"):
         with pytest.raises(ValueError, match="study.storage=.*cannot be opened"):
-            st.open_storage(StudyConfig(storage=url))
+            sg.open_storage(StudyConfig(storage=url))
 
 
 def test_existing_study_keeps_its_objectives(tmp_path):
@@ -133,20 +140,20 @@ def test_dead_local_worker_is_failed_and_retried(tmp_path, scheme):
     study.tell(done, [0.1, 0.0])
     lost = study.ask()
     k = lost.suggest_int("sae.k", 16, 64)
-    study._storage.set_trial_system_attr(lost._trial_id, st.WORKER_ATTR,
-                                         f"{st.socket.gethostname()}:{_dead_pid()}:1")
+    study._storage.set_trial_system_attr(lost._trial_id, sg.WORKER_ATTR,
+                                         f"{socket.gethostname()}:{_dead_pid()}:1")
     mine = study.ask()
-    st.claim(study, mine)  # a live worker's trial is left alone
-    assert st.budget(study).used == 3
-    assert st.reap_dead_trials(study, cfg) == [lost.number]
+    sg.claim(study, mine)  # a live worker's trial is left alone
+    assert sg.budget(study).used == 3
+    assert sg.reap_dead_trials(study, cfg) == [lost.number]
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
     assert study.trials[1].user_attrs["fail_reason"].startswith("worker ")
-    assert st.budget(study).used == 2  # the failure counts through its retry
+    assert sg.budget(study).used == 2  # the failure counts through its retry
     retry = study.ask()
     assert retry.number == 3 and retry.params == {"sae.k": k}
     assert "fail_reason" not in study.trials[3].user_attrs
-    assert st.unowned_running(study) == [3]  # unclaimed: not known alive
+    assert sg.unowned_running(study) == [3]  # unclaimed: not known alive
 
 
 def test_stale_heartbeat_fails_and_retries(tmp_path):
@@ -156,10 +163,10 @@ def test_stale_heartbeat_fails_and_retries(tmp_path):
         t = study.ask()
         t.suggest_float("x", 0, 1)
         study._storage.record_heartbeat(t._trial_id)
-        st.reap_dead_trials(study, cfg)
+        sg.reap_dead_trials(study, cfg)
         assert study.trials[0].state == TrialState.RUNNING  # fresh
         time.sleep(3.1)
-        st.reap_dead_trials(study, cfg)
+        sg.reap_dead_trials(study, cfg)
         assert [s.state for s in study.trials] == [TrialState.FAIL, TrialState.WAITING], url
         assert study.trials[1].params == study.trials[0].params
 
@@ -223,18 +230,21 @@ def test_records_and_table(tmp_path, capsys):
     assert trials[3].user_attrs["constraints"] == [float("inf")]  # unknown: infeasible
     assert trials[4].user_attrs["diverged"] and "nan" in trials[4].user_attrs["fail_reason"]
     assert trials[5].user_attrs["fail_reason"].startswith("RuntimeError: boom")
-    cols, rows = st.trial_rows(study)
+    cols, rows = trial_rows(study)
     assert [r[2] for r in rows] == [True, True, False, False, False, False]  # trial 2 is dominated
+    # objectives once, then the other key metrics, with no column for the objectives twice
+    assert cols[3:] == ["sae.k", "val/nmse", "val/dead_fraction", "val/nmse_p99",
+                        "val/explained_variance", "val/l0", "train/tokens", "time/wall_s", "reason"]
     bad = study.ask()
     with pytest.raises(ValueError, match=r"study.objectives=.*\['val/dead_fraction'\]"):
         st.finish_trial(study, bad, cfg, TrialResult({"val/nmse": 0.1}, "x", "x"), [], None, None)
 
-    assert st.trials_main(["t", "--storage", cfg.storage]) == 0
+    assert trials_main(["t", "--storage", cfg.storage]) == 0
     out = capsys.readouterr().out
     assert "study t: 7 trials" in out and "guard: too dead" in out and "PRUNED" in out
-    assert st.trials_main(["nope", "--storage", cfg.storage]) == 2
+    assert trials_main(["nope", "--storage", cfg.storage]) == 2
     assert "study='nope' is not in" in capsys.readouterr().err
-    assert st.trials_main(["t", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert trials_main(["t", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "no such database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
 
 

@@ -17,8 +17,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from saelab import study as st
 from saelab.config import StudyConfig
+from saelab.storage import WORKER_ATTR
+from saelab.study import open_study
+from saelab.trials import trials_main
 from wandb_offline import read_run
 
 SEED_METRICS = {"train/loss", "train/recon_loss", "train/l0", "train/dead_fraction", "train/l1_loss",
@@ -51,7 +53,7 @@ def run_sweep(tmp: Path, cache: Path, name: str, *overrides: str, check: bool = 
 
 def load(tmp: Path, name: str, storage: str = "") -> optuna.Study:
     if storage:
-        return st.open_study(StudyConfig(name=name, storage=storage))
+        return open_study(StudyConfig(name=name, storage=storage))
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
 
 
@@ -83,7 +85,7 @@ def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
                      if k.endswith("/_type")}
     assert {"trials", "report/pareto_front", "report/nmse_vs_l0"} <= summary_media, summary_media
     assert (tmp_path / "out/studies/four/optimization_results.yaml").exists()
-    assert st.trials_main(["four", "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
+    assert trials_main(["four", "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
     table = capsys.readouterr().out
     assert "4 trials" in table and table.count("COMPLETE") == 4 and "*" in table
 
@@ -130,7 +132,7 @@ def test_two_workers_share_the_study_and_capture_once(tmp_path):
     run_sweep(tmp_path, cache, "two", "study.n_trials=4", "study.n_jobs=2", "sae.use_wandb=false")
     trials = load(tmp_path, "two").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-    workers = {t.system_attrs[st.WORKER_ATTR] for t in trials}
+    workers = {t.system_attrs[WORKER_ATTR] for t in trials}
     assert len(workers) == 2  # both processes ran trials
     assert len({t.user_attrs["run_dir"] for t in trials}) == 4
     logs = "".join(f.read_text() for f in (tmp_path / "out/studies/two").glob("trial_*/*.log"))

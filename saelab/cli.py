@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import saelab  # noqa: F401  (fast path before mlx.core)
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 USAGE = """usage: saelab COMMAND [ARGS]
 
@@ -18,7 +15,8 @@ commands:
                            saelab train layer=10 component=mlp sae.expansion_factor=16 sae.k=32
                          `saelab train --multirun sweep=NAME` runs a study (same as `saelab sweep`)
   sweep sweep=NAME [overrides]
-                         run (or resume) an Optuna study defined in sweeps/NAME.yaml, e.g.
+                         run (or resume) an Optuna study defined in NAME.yaml of ./sweeps/
+                         or saelab's own sweeps (smoke, quick, layers, k_expansion), e.g.
                            saelab sweep sweep=quick study.n_trials=8 study.n_jobs=2
   trials STUDY           table of a study's trials with the Pareto set marked
   export STUDY           Pareto/best trials -> configs, weights, SAELens format, report.html
@@ -27,16 +25,16 @@ commands:
 
 
 def _run_hydra(args: list[str], task) -> int:
-    """Run ``task`` as a Hydra app over conf/ with ``args`` as its command line."""
+    """Run ``task`` as a Hydra app over saelab's configs with ``args`` as its command line
+    (the ``sweep`` group: see saelab/configs.py)."""
     import hydra
 
+    from saelab import configs
     from saelab.config import register_configs
 
     register_configs()
-    if not CONF_DIR.is_dir():
-        raise SystemExit(f"saelab: config directory {CONF_DIR} not found; install saelab from a "
-                         "clone with `pip install -e .`")
-    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
+    app = hydra.main(config_path=str(configs.conf_dir()), config_name="config",
+                     version_base="1.3")(task)
     sys.argv = ["saelab", *args]
     app()
     return 0

@@ -51,3 +51,43 @@ def test_structured_config_round_trip():
     assert trial.sae.k == 64 and trial.component == "attn"
     with pytest.raises(Exception, match="sae.k"):
         cfg.sae.k = "many"
+
+
+def _compose_in(cwd, monkeypatch, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from saelab.config import register_configs
+    from saelab.configs import conf_dir
+
+    register_configs()
+    monkeypatch.chdir(cwd)  # the search path is built when Hydra starts, from this directory
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_sweep_files_come_from_cwd_then_shipped_then_searchpath(tmp_path, monkeypatch):
+    from hydra.errors import MissingConfigException
+
+    from saelab.configs import shipped_sweeps_dir, sweep_dirs
+
+    sweeps, extra = tmp_path / "sweeps", tmp_path / "extra" / "sweep"
+    sweeps.mkdir()
+    extra.mkdir(parents=True)
+    (sweeps / "mine.yaml").write_text("# @package _global_\nstudy:\n  name: mine\n")
+    (sweeps / "smoke.yaml").write_text("# @package _global_\nstudy:\n  name: my_smoke\n")
+    (extra / "other.yaml").write_text("# @package _global_\nstudy:\n  name: other\n")
+    assert sweep_dirs(tmp_path) == [sweeps, shipped_sweeps_dir()]
+    assert sweep_dirs(tmp_path / "extra") == [shipped_sweeps_dir()]
+
+    def name(*overrides):
+        return _compose_in(tmp_path, monkeypatch, *overrides).study.name
+
+    assert name("sweep=mine") == "mine"
+    assert name("sweep=smoke") == "my_smoke"  # ./sweeps/NAME.yaml replaces a shipped NAME
+    assert name("sweep=quick") == "quick"  # the shipped ones stay selectable
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'extra'}]"
+    assert name(searchpath, "sweep=other") == "other"  # Hydra's own DIR/sweep/NAME.yaml
+    assert name(searchpath, "sweep=quick") == "quick"
+    with pytest.raises(MissingConfigException, match="sweep/nope") as e:
+        name("sweep=nope")
+    assert all(n in str(e.value) for n in ("mine", "smoke", "quick", "k_expansion"))

@@ -267,11 +267,11 @@ def test_ready_made_sweeps_are_valid(name):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saelab.cli import CONF_DIR
     from saelab.config import register_configs
+    from saelab.configs import conf_dir
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"sweep={name}"])
     task = OmegaConf.to_container(cfg, resolve=True)
     study = StudyConfig(**task["study"])

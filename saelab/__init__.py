@@ -12,7 +12,7 @@ __all__ = ["InterpretableModel", "SAEConfig", "SAE", "__version__"]
 
 def __getattr__(name):  # lazy: `import saelab` stays cheap (CLI start-up, subprocesses)
     if name == "InterpretableModel":
-        from saelab.trace import InterpretableModel
+        from saelab.guide import InterpretableModel
 
         return InterpretableModel
     if name == "SAEConfig":

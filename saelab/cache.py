@@ -280,12 +280,12 @@ def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Optional[Seque
     """Run the corpus through the model once and write every job's entry."""
     import mlx.core as mx
 
-    from saelab.trace import InterpretableModel, activation_name
+    from saelab.trace import TracedModel, activation_name
 
     source = data_cfg.source if texts is None else "texts"
     texts = texts if texts is not None else load_texts(data_cfg)
     if model is None:
-        model = InterpretableModel(model_cfg.name, model_cfg.dtype)
+        model = TracedModel(model_cfg.name, model_cfg.dtype)
         STATS.model_loads += 1
     packed = pack_documents(model.tokenizer, texts, data_cfg.context_length, data_cfg.max_tokens)
     n, d = packed.n_tokens, model.d_model

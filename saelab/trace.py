@@ -1,4 +1,6 @@
-"""``InterpretableModel`` and ``trace()``: named activations of an mlx_lm model.
+"""``TracedModel`` and ``trace()``: named activations of an mlx_lm model.
+
+(The guide's ``InterpretableModel``, in ``saelab.guide``, adds SAE training on top.)
 
 Capture works by swapping the class of each decoder block and of its attention
 and MLP modules for a recording subclass (see ``_recording_class``): parameter
@@ -168,7 +170,7 @@ class Trace:
         return None
 
 
-class InterpretableModel:
+class TracedModel:
     """An mlx_lm model with named activations: ``with model.trace(text) as t: ...``."""
 
     def __init__(self, name_or_path: str = DEFAULT_MODEL, dtype: str = "float32"):
@@ -242,19 +244,3 @@ class InterpretableModel:
             ids[i, :len(e)] = e
             mask[i, :len(e)] = True
         return mx.array(ids), mx.array(mask)
-
-    # -- the guide's SAE API (heavy imports stay inside) ----------------------
-    def train_sae(self, layer: int, dataset: Any, component: str = "mlp", config: Any = None,
-                  save_path: Optional[str] = None, **kwargs: Any):
-        """Train a TopK SAE on this model's ``layer``/``component`` activations of
-        ``dataset`` (list of strings or a ``datasets`` dataset); see
-        :func:`saelab.trial.train_sae` for the keyword options."""
-        from saelab.trial import train_sae
-
-        return train_sae(self, layer, dataset, component, config, save_path, **kwargs)
-
-    def load_sae(self, path: str):
-        """Load an SAE saved by ``sae.save(path)`` / ``train_sae(save_path=...)``."""
-        from saelab.sae import SAE
-
-        return SAE.load(path)

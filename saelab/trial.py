@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from saelab.config import DataConfig, SAEConfig, TrialConfig, trial_from_dict
-from saelab.paths import atomic_write_text, outputs_root
+from saelab.config import TrialConfig, trial_from_dict
+from saelab.paths import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -152,33 +152,3 @@ def hydra_task(cfg) -> TrialResult:
     print(f"[saelab] SAE saved to {result.sae_path}")
     return result
 
-
-def train_sae(model: Any, layer: int, dataset: Any, component: str = "mlp",
-              config: SAEConfig | None = None, save_path: str | Path | None = None, *,
-              max_tokens: int | None = None, context_length: int = 128,
-              callbacks: Sequence[Any] = ()):
-    """The guide's ``model.train_sae``: texts -> cached activations -> trained SAE.
-
-    ``dataset`` is a list of strings or a ``datasets`` dataset with a ``text``
-    column. Activations go through the same content-addressed cache as sweeps,
-    so a second call on the same texts, layer and component skips the capture.
-    """
-    if hasattr(dataset, "column_names"):  # a datasets.Dataset
-        if "text" not in dataset.column_names:
-            raise ValueError(f"dataset columns {dataset.column_names}: no 'text' column; allowed: "
-                             "a list of strings or a datasets dataset with a 'text' column")
-        dataset = dataset["text"]
-    texts = [t for t in dataset if isinstance(t, str)]
-    if not texts or len(texts) != len(dataset):
-        raise ValueError("dataset must be a non-empty list of strings (or a datasets dataset "
-                         "with a 'text' column)")
-    cfg = TrialConfig(
-        model=model.config, layer=layer, component=component,
-        data=DataConfig(source="pydocs", max_tokens=max_tokens or 10**12,
-                        context_length=context_length, min_chars=1),
-        sae=config or SAEConfig(),
-    )
-    stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
-    out = outputs_root() / "runs" / f"{stamp}-train_sae-l{layer}-{cfg.component}"
-    return run_trial(cfg, callbacks, output_dir=out, sae_path=save_path, texts=texts,
-                     model=model).sae

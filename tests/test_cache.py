@@ -15,7 +15,8 @@ import pytest
 from saelab import cache
 from saelab.config import DataConfig, ModelConfig
 from saelab.data import load_texts, pack_documents
-from saelab.trace import InterpretableModel, activation_name
+from saelab.guide import InterpretableModel
+from saelab.trace import activation_name
 
 MODEL = ModelConfig()
 DATA = DataConfig(max_tokens=2048, context_length=64)

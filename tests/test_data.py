@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from saelab import data
+from saelab import data, pydocs
 from saelab.config import DataConfig
-from saelab.models import ensure_default_model
+from saelab.gguf import ensure_default_model
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def test_pydocs_is_a_large_real_english_corpus(pydocs_texts, tokenizer):
     assert len(pydocs_texts) > 500
     assert chars > 1_500_000
     assert all(len(t) >= 50 for t in pydocs_texts)
-    assert max(map(len, pydocs_texts)) <= data.PYDOCS_MAX_DOC_CHARS or \
-        all("\n\n" not in t for t in pydocs_texts if len(t) > data.PYDOCS_MAX_DOC_CHARS)
+    assert max(map(len, pydocs_texts)) <= pydocs.MAX_DOC_CHARS or \
+        all("\n\n" not in t for t in pydocs_texts if len(t) > pydocs.MAX_DOC_CHARS)
     words = " ".join(pydocs_texts).lower().split()
     assert words.count("the") > 10_000 and words.count("return") > 1_000
     assert any("assert statement" in t.lower() for t in pydocs_texts)  # a language-reference topic
@@ -45,24 +45,24 @@ def test_pydocs_is_a_large_real_english_corpus(pydocs_texts, tokenizer):
 
 
 def test_pydocs_identity_is_deterministic_and_rebuilt_identically(tmp_path, monkeypatch):
-    first = data.pydocs_path()
+    first = pydocs.corpus_path()
     ident = data.corpus_identity(DataConfig())
     monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
-    data.pydocs_path.cache_clear()
+    pydocs.corpus_path.cache_clear()
     try:
-        rebuilt = data.pydocs_path()  # a fresh collection in a new interpreter
+        rebuilt = pydocs.corpus_path()  # a fresh collection in a new interpreter
         assert rebuilt.parent == tmp_path / "corpora"
         assert rebuilt.name == first.name
         assert rebuilt.read_bytes() == first.read_bytes()
         assert data.corpus_identity(DataConfig()) == ident
     finally:
-        data.pydocs_path.cache_clear()
+        pydocs.corpus_path.cache_clear()
     assert data.corpus_identity(DataConfig(min_chars=51)) != ident
 
 
 def test_split_paragraphs_keeps_text_and_limit():
     text = "\n\n".join(f"para {i} " + "x" * 30 for i in range(20))
-    chunks = data.split_paragraphs(text, 100)
+    chunks = pydocs.split_paragraphs(text, 100)
     assert all(len(c) <= 100 for c in chunks)
     assert "\n\n".join(chunks) == text
 

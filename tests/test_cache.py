@@ -18,6 +18,8 @@ from saelab.data import load_texts, pack_documents
 from saelab.guide import InterpretableModel
 from saelab.trace import activation_name
 
+pytestmark = pytest.mark.slow  # captures from the default model, in subprocesses too
+
 MODEL = ModelConfig()
 DATA = DataConfig(max_tokens=2048, context_length=64)
 PAIRS = [(1, "mlp"), (1, "output"), (0, "attn")]

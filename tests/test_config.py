@@ -2,9 +2,9 @@
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
-from saelab.config import (DataConfig, SAEConfig, TrialConfig, canonical_component,
-                           trial_from_dict)
+from saelab.config import DataConfig, SAEConfig, TrialConfig, canonical_component, trial_from_dict
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -49,8 +49,10 @@ def test_structured_config_round_trip():
     cfg.component = "attn"
     trial = trial_from_dict(OmegaConf.to_container(cfg))
     assert trial.sae.k == 64 and trial.component == "attn"
-    with pytest.raises(Exception, match="sae.k"):
+    with pytest.raises(ValidationError, match="Value 'many' of type 'str' could not be "
+                       "converted to Integer") as e:
         cfg.sae.k = "many"
+    assert e.value.full_key == "sae.k"
 
 
 def _compose_in(cwd, monkeypatch, *overrides):

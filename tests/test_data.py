@@ -44,6 +44,7 @@ def test_pydocs_is_a_large_real_english_corpus(pydocs_texts, tokenizer):
     assert tokens > 400_000
 
 
+@pytest.mark.slow  # collects the corpus again in a new interpreter
 def test_pydocs_identity_is_deterministic_and_rebuilt_identically(tmp_path, monkeypatch):
     first = pydocs.corpus_path()
     ident = data.corpus_identity(DataConfig())
@@ -119,6 +120,7 @@ def test_files_bad_input_is_a_clear_value_error(tmp_path):
                                    min_chars=1000))
 
 
+@pytest.mark.slow  # a subprocess
 def test_hub_unreachable_is_a_clear_error():
     code = ("import saelab; from saelab.data import load_texts\n"
             "from saelab.config import DataConfig\n"

@@ -25,7 +25,8 @@ from saelab.export import export_main
 from saelab.sae import SAE
 from saelab.selection import Rule, fmt_value, select_trials
 
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+              pytest.mark.slow]
 
 
 @dataclass

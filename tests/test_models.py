@@ -25,6 +25,8 @@ from saelab.gguf import ensure_default_model
 from saelab.models import ModelUnavailableError, load_model, model_info
 from saelab.paths import cache_root
 
+pytestmark = pytest.mark.slow  # loads and converts the default model, in subprocesses too
+
 PASSAGES = [
     "The sun was setting behind the hills when we finally reached the village. The streets were "
     "quiet, and most of the shops had already closed for the night. We found a small inn near the "

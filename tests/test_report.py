@@ -1,19 +1,19 @@
 """report.html and the report's figures, on the real smoke study of test_export.py;
-the page is opened in headless Chromium (skipped where it is not installed)."""
+the page is opened in headless Chromium (skipped where it is not installed, failed under CI)."""
 
 import re
 import shutil
 import subprocess
 
 import optuna
-import plotly.graph_objects as go
 import pytest
 from optuna.trial import TrialState
 
 from saelab.report import report_figures, write_report
 from test_export import single_objective_copy, smoke_study
 
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+              pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -29,7 +29,9 @@ def test_figures_show_the_study(smoke):
     assert set(figs) == {"pareto_front", "nmse_vs_l0", "nmse_vs_expansion", "layers_components",
                          "optimization_history/val/nmse", "optimization_history/val/dead_fraction",
                          "param_importances", "training_curves"}
-    assert all(isinstance(f, go.Figure) for f in figs.values())
+    for name, fig in figs.items():  # every figure is titled and plots something
+        assert fig.layout.title.text, name
+        assert any(t.x is not None and len(t.x) for t in fig.data), name
 
     front = next(t for t in figs["pareto_front"].data if t.name == "Pareto set")
     assert list(front.text) == [f"#{t.number}" for t in sorted(pareto, key=lambda t: t.values[0])]
@@ -69,14 +71,13 @@ def test_too_few_trials_give_notes_not_errors(smoke, tmp_path):
     assert "single-objective" in figs["pareto_front"].layout.title.text
 
 
-def test_report_renders_offline_in_chromium(smoke, tmp_path):
+def test_report_renders_offline_in_chromium(smoke, tmp_path, require_system):
     study = smoke.load()
     path = write_report(study, tmp_path / "report.html")  # default trials: the Pareto set
     page = path.read_text()
     assert not re.search(r"<script[^>]+src=", page)  # plotly.js inline, nothing fetched
     assert page.count("Plotly.newPlot") == 8
-    if CHROMIUM is None:
-        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    require_system("Chromium", CHROMIUM is not None, "apt-get install chromium")
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",

@@ -23,6 +23,8 @@ from saelab.study import open_study
 from saelab.trials import trials_main
 from wandb_offline import read_run
 
+pytestmark = pytest.mark.slow  # `saelab sweep` subprocesses training on the default model
+
 SEED_METRICS = {"train/loss", "train/recon_loss", "train/l0", "train/dead_fraction", "train/l1_loss",
                 "train/learning_rate", "val/loss", "val/l0", "val/dead_fraction"}
 

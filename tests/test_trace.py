@@ -8,6 +8,8 @@ import pytest
 
 from saelab.trace import ActivationNameError, TracedModel, activation_name
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 TEXTS = ["The capital of France is", "Sparse autoencoders decompose activations into features."]
 
 

@@ -37,7 +37,19 @@ def test_offline_run_has_config_history_summary(tmp_path, monkeypatch):
     assert config["train_activations"] == 3000 and config["val_activations"] == 400
     assert run["run"]["name"] == "sae_l2_mlp" and run["run"]["tags"] == ["unit"]
     assert run["run"]["exit_code"] == 0
-    cb.close()  # idempotent after on_end
+    cb.close()  # idempotent after on_end: writes nothing more
+    assert cb.run is None and read_run(cb.run_dir) == run
+
+
+def test_close_finishes_a_run_left_open(tmp_path):
+    cb = WandbCallback("saelab-test", "left_open", dir=tmp_path, mode="offline")
+    cb.on_start({"k": 4})
+    cb.on_log(3, {"train/loss": 0.5})
+    cb.close()  # training ended without on_end/on_abort (e.g. an exception in the loop)
+    assert cb.run is None
+    run = read_run(cb.run_dir)
+    assert run["run"]["exit_code"] == 0 and run["config"]["k"] == 4
+    assert [(h["_step"], h["train/loss"]) for h in run["history"]] == [(3, 0.5)]
 
 
 class _Prune(Callback):

@@ -13,7 +13,6 @@ asks it for ``conf_dir()``) and only when the primary config is saelab's.
 # sys.modules (see the sweeper plugin).
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
@@ -31,7 +30,7 @@ class SweepFilesSource(ConfigSource):
     def scheme() -> str:
         return "saelab-sweeps"
 
-    def _file(self, config_path: str) -> Optional[Path]:
+    def _file(self, config_path: str) -> Path | None:
         group, _, name = config_path.strip("/").partition("/")
         if group != GROUP or not name or "/" in name:
             return None
@@ -55,7 +54,7 @@ class SweepFilesSource(ConfigSource):
         file = self._file(config_path)
         return file is not None and file.is_file()
 
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
         path = config_path.strip("/")
         if path == "" and results_filter in (None, ObjectType.GROUP):
             return [GROUP]

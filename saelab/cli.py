@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import saelab  # noqa: F401  (fast path before mlx.core)
@@ -24,19 +25,65 @@ commands:
 """
 
 
-def _run_hydra(args: list[str], task) -> int:
+def _check_flags(args: list[str]) -> None:
+    """Unknown options fail as one line here, not as Hydra's multi-line argparse usage."""
+    from hydra._internal.utils import get_args_parser
+
+    allowed = "Hydra's options (saelab train --hydra-help) and KEY=VALUE overrides"
+    parser = get_args_parser()
+
+    def error(message: str):
+        raise ValueError(f"{message}; allowed: {allowed}")
+
+    parser.error = error  # this parser instance only
+    _, unknown = parser.parse_known_args(args)
+    if unknown:
+        raise ValueError(f"{' '.join(unknown)} is not valid: unknown option; allowed: {allowed}")
+
+
+def _run_hydra(cmd: str, args: list[str], task) -> int:
     """Run ``task`` as a Hydra app over saelab's configs with ``args`` as its command line
-    (the ``sweep`` group: see saelab/configs.py)."""
+    (the ``sweep`` group: see saelab/configs.py). Bad input is one line and exit 2
+    (saelab.errors); ``HYDRA_FULL_ERROR=1`` keeps Hydra's tracebacks."""
+    import os
+
     import hydra
 
     from saelab import configs
     from saelab.config import register_configs
+    from saelab.errors import full_errors, one_line
 
-    register_configs()
-    app = hydra.main(config_path=str(configs.conf_dir()), config_name="config",
-                     version_base="1.3")(task)
-    sys.argv = ["saelab", *args]
-    app()
+    user_full = full_errors()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the error is printed below
+
+    @functools.wraps(task)
+    def single_run(cfg):  # Hydra would log the failed job's overrides first: a second line
+        try:
+            return task(cfg)
+        except Exception as e:
+            brief = None if user_full else one_line(e, args)
+            if brief is None:
+                raise
+            print(f"saelab {cmd}: {brief[0]}", file=sys.stderr)
+            raise SystemExit(brief[1]) from None
+
+    multirun = "-m" in args or "--multirun" in args  # there a failed job fails its trial only
+    try:
+        _check_flags(args)
+        register_configs()
+        app = hydra.main(config_path=str(configs.conf_dir()), config_name="config",
+                         version_base="1.3")(task if multirun else single_run)
+        sys.argv = ["saelab", *args]
+        app()
+    except Exception as e:
+        brief = None if user_full else one_line(e, args)
+        if brief is None:
+            raise
+        print(f"saelab {cmd}: {brief[0]}", file=sys.stderr)
+        return brief[1]
+    finally:
+        if not user_full:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
     return 0
 
 
@@ -63,17 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "doctor":
         from saelab.doctor import main as doctor
 
+        if rest:
+            print(f"saelab doctor: {' '.join(rest)} is not valid; allowed: no arguments",
+                  file=sys.stderr)
+            return 2
         return doctor(rest)
     if cmd == "train":
         from saelab.trial import hydra_task
 
-        return _run_hydra(rest, hydra_task)
+        return _run_hydra(cmd, rest, hydra_task)
     if cmd == "sweep":
         from saelab.trial import hydra_task
 
-        return _run_hydra(["--multirun", *rest], hydra_task)
+        if not any(a.split("=", 1)[0].lstrip("+") in ("sweep", "hydra/sweeper") for a in rest):
+            print("saelab sweep: sweep=NAME is missing; allowed: sweep=NAME with NAME.yaml in "
+                  "./sweeps/ or saelab's own (smoke, quick, layers, k_expansion)", file=sys.stderr)
+            return 2
+        return _run_hydra(cmd, ["--multirun", *rest], hydra_task)
     if cmd == "prepare":
-        return _run_hydra(rest, _prepare_task)
+        return _run_hydra(cmd, rest, _prepare_task)
     if cmd == "trials":
         from saelab.trials import trials_main
 
@@ -86,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         from saelab.trials import dashboard_main
 
         return dashboard_main(rest)
-    print(f"saelab: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    print(f"saelab: command {cmd!r} is not valid; allowed: doctor, prepare, train, sweep, trials, "
+          "export, dashboard (saelab --help)", file=sys.stderr)
     return 2
 
 

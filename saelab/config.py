@@ -235,11 +235,12 @@ class SAEConfig:
         _check(self.eval_every is None or self.eval_every >= 1, "eval_every", self.eval_every,
                ">= 1 or None")
 
-    def check_dims(self, d_model: int) -> None:
-        """Checks that need the input width (k must fit in d_hidden)."""
+    def check_dims(self, d_model: int, prefix: str = "") -> None:
+        """Checks that need the input width (k must fit in d_hidden); ``prefix="sae."``
+        when this is a TrialConfig's section."""
         d_hidden = self.expansion_factor * d_model
-        _check(self.k <= d_hidden, "k", self.k,
-               f"at most d_hidden = expansion_factor * d_model = {d_hidden}")
+        _check(self.k <= d_hidden, f"{prefix}k", self.k,
+               f"at most d_hidden = {prefix}expansion_factor * d_model = {d_hidden}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -360,13 +361,26 @@ def register_configs() -> None:
     cs.store(group="study", name="study_schema", node=StudyConfig)
 
 
+def _section(prefix: str, cls: type, values: dict[str, Any]) -> Any:
+    """Build one section of a TrialConfig; its errors name the full key (``sae.k``:
+    SAEConfig alone says ``k``, as the guide's Python API spells it)."""
+    known = {f.name for f in fields(cls)}
+    for key in sorted(set(values) - known):
+        _check(False, f"{prefix}.{key}", values[key], f"the keys of {prefix}: {', '.join(sorted(known))}")
+    try:
+        return cls(**values)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(f"{prefix}.") else f"{prefix}.{msg}") from e
+
+
 def trial_from_dict(d: dict[str, Any]) -> TrialConfig:
     """Build (and validate) a TrialConfig from a plain dict, e.g. a resolved Hydra config."""
     d = dict(d)
     return TrialConfig(
-        model=ModelConfig(**d.pop("model", {})),
-        data=DataConfig(**d.pop("data", {})),
-        sae=SAEConfig(**d.pop("sae", {})),
-        study=StudyConfig(**d.pop("study", {})),
+        model=_section("model", ModelConfig, d.pop("model", {})),
+        data=_section("data", DataConfig, d.pop("data", {})),
+        sae=_section("sae", SAEConfig, d.pop("sae", {})),
+        study=_section("study", StudyConfig, d.pop("study", {})),
         **{k: v for k, v in d.items() if k in {f.name for f in fields(TrialConfig)}},
     )

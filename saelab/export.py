@@ -19,7 +19,6 @@ target, so a failing export leaves nothing behind and an earlier one intact.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from saelab.config import StudyConfig, trial_from_dict
+from saelab.errors import CommandParser
 from saelab.paths import atomic_dir, outputs_root
 from saelab.report import write_report
 from saelab.saelens import write_saelens
@@ -164,7 +164,7 @@ def export_study(study: optuna.Study, out: str | os.PathLike, trials: Sequence[F
 
 def export_main(argv: Sequence[str]) -> int:
     """``saelab export STUDY [--storage URL] [--out DIR] [--top N] [--rule RULE] [--saelens]``."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="saelab export", description=__doc__.split("\n\n")[0],
         epilog="RULE: min|max NAME [where NAME OP NUMBER [and ...]], OP one of <= < >= > ==, "
                "e.g. \"min val/nmse where val/dead_fraction<=0.05\"")

@@ -25,12 +25,15 @@ from filelock import FileLock
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import DBAPIError
 
 from saelab.config import StudyConfig
 
 WORKER_ATTR = "saelab:worker"
+"""System attribute: the sweep process that asked for the trial and beats for it."""
+JOB_ATTR = "saelab:job"
+"""System attribute: the process that trained it (another one under joblib or submitit)."""
 HEARTBEAT_ATTR = "saelab:heartbeat"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,6 +101,20 @@ def open_storage(cfg: StudyConfig) -> BaseStorage:
                          "mysql://...") from e
 
 
+def storage_url(storage: BaseStorage) -> str:
+    """The URL ``storage`` was opened with (absolute for files; see ``open_storage``),
+    through Optuna's cache wrapper around RDB storages."""
+    backend = getattr(storage, "_backend", storage)
+    return getattr(storage, "url", None) or getattr(backend, "url", "")
+
+
+def close_storage(storage: BaseStorage) -> None:
+    """Return an RDB storage's pooled connections now (jobs open one per trial)."""
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def open_existing_storage(url: str) -> BaseStorage:
     """Open an Optuna storage that must already exist (never creates an empty database)."""
     for scheme in ("sqlite:///", "journal://"):
@@ -140,9 +157,7 @@ def worker_alive(worker: str) -> Optional[bool]:
 
 def ask_lock(study: optuna.Study) -> FileLock:
     """Held while counting and asking, so this machine's workers never overshoot n_trials."""
-    storage = study._storage
-    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", "")
-    digest = hashlib.sha1(f"{url}|{study.study_name}".encode()).hexdigest()[:16]
+    digest = hashlib.sha1(f"{storage_url(study._storage)}|{study.study_name}".encode()).hexdigest()[:16]
     return FileLock(str(Path(tempfile.gettempdir()) / f"saelab-study-{digest}.lock"))
 
 
@@ -151,9 +166,15 @@ def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
 
 
+def requeue(study: optuna.Study, trial: FrozenTrial, cfg: StudyConfig) -> None:
+    """Add a waiting retry of failed ``trial`` with its params (at most ``cfg.max_retry``
+    times); the budget counts the failure through its retry."""
+    RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)(study, trial)
+
+
 def reap_dead_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
     """Fail (and re-queue) running trials whose worker died; returns their numbers."""
-    storage, retry = study._storage, RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
+    storage = study._storage
     reaped = []
     for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         worker = t.system_attrs.get(WORKER_ATTR)
@@ -162,7 +183,7 @@ def reap_dead_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
         try:
             storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {worker} died")
             if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                retry(study, t)  # the snapshot without fail_reason: the retry starts clean
+                requeue(study, t, cfg)  # the snapshot without fail_reason: the retry starts clean
                 reaped.append(t.number)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker got there first

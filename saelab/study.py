@@ -1,13 +1,20 @@
 """The Optuna study of a sweep: creating and loading it, its samplers and
-pruners, the training callback that reports, prunes and guards, and the record
-each trial leaves.
+pruners, the training callback that reports, prunes and guards, how a launched
+job finds its trial, and the record each trial leaves.
 
 The Hydra sweeper (``hydra_plugins/saelab_sweeper``) drives these; so can any
 script. A trial's record lives in its user attributes: ``config`` (the
 resolved trial config), ``metrics`` (final), ``history`` (validation metrics
-at each evaluation), ``sae_path``, ``run_dir``, ``wandb_run_dir``,
-``constraints`` and ``prune_reason``/``fail_reason``. Storages and worker
-liveness are ``saelab.storage``'s.
+at each evaluation, written as the job goes), ``sae_path``, ``run_dir``,
+``wandb_run_dir`` and ``prune_reason``/``fail_reason``; constraint values are
+Optuna's own (``Trial.set_constraint``, read back as ``FrozenTrial.constraints``).
+Storages and worker liveness are ``saelab.storage``'s.
+
+A job reaches its trial through the storage only (``TrialLink``: storage URL,
+study name, trial id, passed as the hidden config key ``saelab_trial``), never
+through this process's memory, so pruning, guards and records work the same
+under any Hydra launcher: in-process, joblib worker processes, or SLURM jobs
+through submitit.
 """
 
 from __future__ import annotations
@@ -15,36 +22,32 @@ from __future__ import annotations
 import json
 import math
 import traceback
-from dataclasses import asdict
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from saelab.config import StudyConfig, TrialConfig
-from saelab.storage import open_existing_storage, open_storage
+from saelab.config import StudyConfig, trial_from_dict
+from saelab.storage import (JOB_ATTR, close_storage, open_existing_storage, open_storage,
+                            worker_id)
 from saelab.train import Callback, StopTraining, TrainingDiverged
 
 
 # ---------------------------------------------------------------- study
 
-def constraints_of(trial: FrozenTrial) -> list[float]:
-    """Optuna ``constraints_func``: <= 0 is feasible; read from the trial's record."""
-    return list(trial.user_attrs.get("constraints", []))
-
-
 def make_sampler(cfg: StudyConfig, grid: Optional[dict[str, list]] = None,
                  seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """The sampler named by ``cfg.sampler``. ``seed_offset`` keeps workers and
-    resumed runs from replaying the same random draws."""
+    resumed runs from replaying the same random draws. Constrained samplers (TPE,
+    NSGA-II, GP) read each trial's ``set_constraint`` values (see ``finish_trial``)."""
     seed = cfg.seed + seed_offset
-    cons = constraints_of if cfg.constraints else None
     if cfg.sampler == "tpe":
         startup = min(10, max(2, cfg.n_trials // 3))  # small studies still get model-based trials
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constraints_func=cons)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=cons,
+        return optuna.samplers.NSGAIISampler(seed=seed,
                                              population_size=max(2, min(50, cfg.n_trials // 2)))
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -52,7 +55,7 @@ def make_sampler(cfg: StudyConfig, grid: Optional[dict[str, list]] = None,
         return optuna.samplers.GridSampler(grid or {}, seed=seed)
     if cfg.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=cfg.seed)  # QMC indexes its sequence by trial number
-    return optuna.samplers.GPSampler(seed=seed, constraints_func=cons)
+    return optuna.samplers.GPSampler(seed=seed)
 
 
 def make_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
@@ -103,7 +106,9 @@ def objectives_of(study: optuna.Study) -> list[str]:
 # ---------------------------------------------------------------- the training callback
 
 class OptunaCallback(Callback):
-    """Reports intermediate values, prunes, applies the guard rules, keeps the history."""
+    """Reports intermediate values, prunes, applies the guard rules, keeps the history
+    (in the trial's ``history`` user attribute after each evaluation, so a trial whose
+    job dies or runs elsewhere still has its curve)."""
 
     def __init__(self, trial: optuna.Trial, cfg: StudyConfig,
                  best_history: Sequence[dict] = (), best_number: Optional[int] = None) -> None:
@@ -117,11 +122,13 @@ class OptunaCallback(Callback):
         self.total_steps = int(config.get("total_steps", 0))
         self.warmup_steps = config.get("warmup_steps") or round(
             config.get("warmup_fraction", 0) * self.total_steps)
+        self.trial.set_user_attr("history", [])  # a retry inherits its failed run's record
 
     def on_eval(self, step: int, metrics: dict) -> None:
         tokens = step * self.batch_size
         self.history.append({"step": step, "train/tokens": tokens,
                              **{k: float(v) for k, v in metrics.items()}})
+        self.trial.set_user_attr("history", self.history)
         objective = self.cfg.objectives[0] if len(self.cfg.objectives) == 1 else None
         if objective in metrics:  # Optuna prunes single-objective studies only
             self.trial.report(float(metrics[objective]), tokens)
@@ -167,22 +174,58 @@ def best_reference(study: optuna.Study, like: Optional[dict] = None) -> tuple[li
     return best.user_attrs.get("history", []), best.number
 
 
-_ACTIVE: Optional[OptunaCallback] = None
+# ---------------------------------------------------------------- the job's end
+
+@dataclass(frozen=True)
+class TrialLink:
+    """Where a launched job's Optuna trial lives. The sweeper passes it as hidden
+    overrides (``+saelab_trial.*``); the job, in whatever process or machine the
+    launcher runs it, opens the storage and rebuilds the trial from it."""
+
+    KEY: ClassVar[str] = "saelab_trial"
+
+    storage: str
+    """Absolute storage URL (a relative sqlite path would depend on the job's cwd)."""
+    study: str
+    trial_id: int
+
+    def overrides(self) -> list[str]:
+        def quoted(v: str) -> str:  # Hydra's grammar: URLs hold ':', '@', '?', '='
+            return "'" + v.replace("'", "\\'") + "'"
+
+        return [f"+{self.KEY}.storage={quoted(self.storage)}",
+                f"+{self.KEY}.study={quoted(self.study)}", f"+{self.KEY}.trial_id={self.trial_id}"]
+
+    @classmethod
+    def pop(cls, config: dict) -> Optional["TrialLink"]:
+        """Remove the link from a job's resolved config (it is not part of the trial)."""
+        link = config.pop(cls.KEY, None)
+        return cls(**link) if link is not None else None
 
 
-def set_active(cb: Optional[OptunaCallback]) -> None:
-    """The callback the next in-process trial gets (the sweeper sets it around a launch)."""
-    global _ACTIVE
-    _ACTIVE = cb
+def run_linked_job(task: Callable[..., Any], cfg: Any) -> Any:
+    """The Hydra task of every sweep job: ``functools.partial(run_linked_job, task)``
+    (picklable, so any launcher can ship it). Opens the trial of the job's
+    ``saelab_trial`` key and runs ``task(cfg, callbacks=[its OptunaCallback])``, the
+    loss guard referenced to comparable completed trials."""
+    from omegaconf import OmegaConf
 
-
-def callback_factory(cfg: TrialConfig) -> Callback:
-    """Registered in ``saelab.trial.CALLBACK_FACTORIES`` by the sweeper: the
-    active trial's callback, its loss guard referenced to comparable trials."""
-    if _ACTIVE is None:
-        return Callback()
-    _ACTIVE.best_history, _ACTIVE.best_number = best_reference(_ACTIVE.trial.study, asdict(cfg))
-    return _ACTIVE
+    config = OmegaConf.to_container(cfg, resolve=True)
+    link = TrialLink.pop(config)
+    if link is None:
+        return task(cfg)
+    scfg = replace(trial_from_dict(config).study, storage=link.storage)
+    storage = open_storage(scfg)
+    try:
+        # the job never asks: the cheapest sampler will do; the pruner must be the study's
+        study = optuna.load_study(study_name=link.study, storage=storage,
+                                  sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(scfg))
+        trial = optuna.trial.Trial(study, link.trial_id)
+        storage.set_trial_system_attr(link.trial_id, JOB_ATTR, worker_id())
+        cb = OptunaCallback(trial, scfg, *best_reference(study, config))
+        return task(cfg, callbacks=[cb])
+    finally:
+        close_storage(storage)
 
 
 # ---------------------------------------------------------------- records
@@ -220,10 +263,10 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, out
             attrs["fail_reason"] = f"non-finite objective values {values}"
         else:
             state = TrialState.COMPLETE
-    # constraints_func also reads pruned trials: judge them by their last evaluation
+    # samplers also read pruned trials' constraints: judge them by their last evaluation
     seen = attrs.get("metrics") or (attrs["history"][-1] if attrs["history"] else {})
-    attrs["constraints"] = [seen[m] - b if _finite(seen.get(m)) else math.inf
-                            for m, b in cfg.constraints.items()]
+    for m, bound in cfg.constraints.items():
+        trial.set_constraint(m, seen[m] - bound if _finite(seen.get(m)) else math.inf)
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     try:

@@ -2,7 +2,8 @@
 
 ``saelab train``, the sweeper, the guide's ``model.train_sae``, the tests and
 the benchmarks all go through ``run_trial``. Optuna and W&B attach from
-outside as callbacks; the sweeper registers a factory in ``CALLBACK_FACTORIES``.
+outside as callbacks; a sweep job gets its Optuna callback from
+``saelab.study.run_linked_job`` through ``hydra_task(cfg, callbacks)``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from saelab.config import TrialConfig, trial_from_dict
 from saelab.paths import atomic_write_text
@@ -55,10 +56,6 @@ class HistoryCallback:
                              **{k: float(v) for k, v in metrics.items()}})
 
 
-CALLBACK_FACTORIES: list[Callable[[TrialConfig], Any]] = []
-"""Factories called by the Hydra task for each trial (the sweeper adds its Optuna callback)."""
-
-
 def validate_trial(cfg: TrialConfig, info: Any = None):
     """Checks that need the model's shape; cheap (no weights loaded). Returns ModelInfo
     (``info`` skips looking it up again)."""
@@ -66,7 +63,7 @@ def validate_trial(cfg: TrialConfig, info: Any = None):
 
     info = info or model_info(cfg.model)
     info.check_layer(cfg.layer)
-    cfg.sae.check_dims(info.d_model)
+    cfg.sae.check_dims(info.d_model, prefix="sae.")
     return info
 
 
@@ -97,7 +94,7 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
         "train_activations": int(train.shape[0]), "val_activations": int(val.shape[0]),
     }
     history = HistoryCallback(cfg.sae.batch_size)
-    cbs: list[Any] = [history, *callbacks, *(f(cfg) for f in CALLBACK_FACTORIES)]
+    cbs: list[Any] = [history, *callbacks]
     wandb_cb = None
     if cfg.sae.use_wandb:
         from saelab.tracking import WandbCallback
@@ -139,16 +136,17 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
     return result
 
 
-def hydra_task(cfg) -> TrialResult:
-    """The Hydra task function of ``saelab train`` (single run or one multirun job)."""
+def hydra_task(cfg, callbacks: Sequence[Any] = ()) -> TrialResult:
+    """The Hydra task function of ``saelab train`` (single run or one multirun job).
+    Returns the result without the SAE object: a launcher may carry it to another process."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     trial_cfg = trial_from_dict(OmegaConf.to_container(cfg, resolve=True))
     out = trial_cfg.output_dir or HydraConfig.get().runtime.output_dir
-    result = run_trial(trial_cfg, output_dir=out)
+    result = run_trial(trial_cfg, callbacks, output_dir=out)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k.startswith("val/"))
     print(f"[saelab] layer {trial_cfg.layer} {trial_cfg.component}: {summary}")
     print(f"[saelab] SAE saved to {result.sae_path}")
-    return result
+    return replace(result, sae=None)
 

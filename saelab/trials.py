@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 from typing import Any, Optional, Sequence
 
@@ -18,6 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from saelab.config import StudyConfig
+from saelab.errors import CommandParser
 from saelab.report import report_figures
 from saelab.selection import KEY_METRICS, fmt_value
 from saelab.storage import budget
@@ -115,7 +117,7 @@ def _load(prog: str, args: argparse.Namespace) -> Optional[optuna.Study]:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = CommandParser(prog=prog, description=description)
     p.add_argument("study", help="study name (study.name of the sweep)")
     p.add_argument("--storage", default=StudyConfig.storage, help="Optuna storage URL")
     return p
@@ -131,14 +133,28 @@ def trials_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; allowed: 1..65535")
+    return int(text)
+
+
 def dashboard_main(argv: Sequence[str]) -> int:
     """``saelab dashboard STUDY [--storage URL] [--port 8080] [--host 127.0.0.1]``."""
     p = _parser("saelab dashboard", "Serve a study's storage with optuna-dashboard.")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     args = p.parse_args(list(argv))
     study = _load("saelab dashboard", args)
     if study is None:
+        return 2
+    try:  # a taken port or an unknown host: one line now, not a traceback from the server
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        why = str(e.strerror or e).split(" (while attempting")[0]
+        print(f"saelab dashboard: --host={args.host} --port={args.port} is not valid ({why}); "
+              "allowed: an address of this machine and a free port", file=sys.stderr)
         return 2
     from optuna_dashboard import run_server  # only this command needs it
 

@@ -207,7 +207,7 @@ def test_records_and_table(tmp_path, capsys):
     outcomes = [
         TrialResult(metrics={"val/nmse": 0.2, "val/dead_fraction": 0.0, "val/l0": 32.0},
                     sae_path="a/sae", output_dir="a", history=[{"step": 1, "val/nmse": 0.3}]),
-        TrialResult(metrics={"val/nmse": 0.1, "val/dead_fraction": 0.1, "val/l0": 64.0},
+        TrialResult(metrics={"val/nmse": 0.1, "val/dead_fraction": 0.04, "val/l0": 64.0},
                     sae_path="b/sae", output_dir="b"),
         TrialResult(metrics={"val/nmse": 0.3, "val/dead_fraction": 0.1}, sae_path="c", output_dir="c"),
         StopTraining("guard: too dead"),
@@ -224,14 +224,17 @@ def test_records_and_table(tmp_path, capsys):
         [TrialState.FAIL] * 2
     a = trials[0].user_attrs
     assert trials[0].values == [0.2, 0.0] and a["sae_path"] == "a/sae" and a["config"] == {"layer": 10}
-    assert a["history"] == [{"step": 1, "val/nmse": 0.3}] and a["constraints"] == [-0.05]
+    assert a["history"] == [{"step": 1, "val/nmse": 0.3}]
+    assert trials[0].constraints == {"val/dead_fraction": -0.05}  # Optuna's own record
     assert trials[3].user_attrs["prune_reason"] == "guard: too dead"
     assert trials[3].user_attrs["history"] == [{"step": 1}]
-    assert trials[3].user_attrs["constraints"] == [float("inf")]  # unknown: infeasible
+    assert trials[3].constraints == {"val/dead_fraction": float("inf")}  # unknown: infeasible
     assert trials[4].user_attrs["diverged"] and "nan" in trials[4].user_attrs["fail_reason"]
     assert trials[5].user_attrs["fail_reason"].startswith("RuntimeError: boom")
     cols, rows = trial_rows(study)
-    assert [r[2] for r in rows] == [True, True, False, False, False, False]  # trial 2 is dominated
+    # trial 2 is dominated, and infeasible: a Pareto set of feasible trials even without a sampler
+    assert trials[2].constraints["val/dead_fraction"] > 0
+    assert [r[2] for r in rows] == [True, True, False, False, False, False]
     # objectives once, then the other key metrics, with no column for the objectives twice
     assert cols[3:] == ["sae.k", "val/nmse", "val/dead_fraction", "val/nmse_p99",
                         "val/explained_variance", "val/l0", "train/tokens", "time/wall_s", "reason"]
@@ -246,6 +249,18 @@ def test_records_and_table(tmp_path, capsys):
     assert "study='nope' is not in" in capsys.readouterr().err
     assert trials_main(["t", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "no such database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+def test_trial_link_survives_hydra_overrides():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    url = "postgresql+psycopg2://u:p@ss=w'rd@127.0.0.1:5432/db?sslmode=disable&x=a,b"
+    link = st.TrialLink(url, "my study", 7)
+    parsed = OverridesParser.create().parse_overrides(link.overrides())
+    config = {"layer": 10, st.TrialLink.KEY: {o.key_or_group.split(".")[1]: o.value()
+                                              for o in parsed}}
+    assert st.TrialLink.pop(config) == link and config == {"layer": 10}
+    assert st.TrialLink.pop(config) is None
 
 
 def test_loss_guard_compares_like_with_like():

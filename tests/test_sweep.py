@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from saelab.config import StudyConfig
-from saelab.storage import WORKER_ATTR
+from saelab.storage import JOB_ATTR, WORKER_ATTR
 from saelab.study import open_study
 from saelab.trials import trials_main
 from wandb_offline import read_run
@@ -60,10 +60,15 @@ def load(tmp: Path, name: str, storage: str = "") -> optuna.Study:
 
 
 def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
-    run_sweep(tmp_path, shared_cache, "four", "study.n_trials=4")
+    # TPE with a constraint: Optuna 5 warned (FutureWarning) about constraints_func
+    p = run_sweep(tmp_path, shared_cache, "four", "study.n_trials=4", "study.sampler=tpe",
+                  "++study.constraints={val/dead_fraction:0.5}")
+    assert "FutureWarning" not in p.stdout + p.stderr
     study = load(tmp_path, "four")
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert all(t.constraints == {"val/dead_fraction": pytest.approx(t.values[1] - 0.5)}
+               for t in trials)  # Trial.set_constraint's record, read by the samplers
     assert study.user_attrs["objectives"] == ["val/nmse", "val/dead_fraction"]
     for t in trials:
         assert len(t.values) == 2 and set(t.params) == {"sae.k", "sae.learning_rate"}
@@ -90,6 +95,27 @@ def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
     assert trials_main(["four", "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
     table = capsys.readouterr().out
     assert "4 trials" in table and table.count("COMPLETE") == 4 and "*" in table
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_jobs_in_other_processes_are_guarded_and_recorded(tmp_path, shared_cache, launcher):
+    """Hydra launchers that run each job in another process (joblib's workers; submitit's
+    local executor, as on SLURM): the job finds its trial through the storage alone."""
+    run_sweep(tmp_path, shared_cache, launcher, f"hydra/launcher={launcher}", "study.sampler=grid",
+              "study.n_trials=2", "sae.k=16,32", "sae.learning_rate=1e-3",
+              "study.max_dead_fraction=0.05", "sae.use_wandb=false")
+    trials = {t.params["sae.k"]: t for t in load(tmp_path, launcher).trials}
+    assert trials[32].state == TrialState.COMPLETE and Path(trials[32].user_attrs["sae_path"]).exists()
+    assert trials[16].state == TrialState.PRUNED  # by the dead-latent guard, inside the job
+    assert trials[16].user_attrs["prune_reason"].startswith("guard: val/dead_fraction=")
+    for t in trials.values():
+        a = t.user_attrs
+        assert a["config"]["sae"]["k"] == t.params["sae.k"] and "saelab_trial" not in a["config"]
+        assert a["history"] and all("train/tokens" in h and "val/nmse" in h for h in a["history"])
+        assert Path(a["run_dir"]).name == f"trial_{t.number}"
+        sweeper, job = t.system_attrs[WORKER_ATTR], t.system_attrs[JOB_ATTR]
+        assert sweeper.split(":")[1] != job.split(":")[1]  # trained in another process
+    assert len(trials[16].user_attrs["history"]) < len(trials[32].user_attrs["history"])
 
 
 def test_sigkill_then_resume_loses_nothing(tmp_path, shared_cache):

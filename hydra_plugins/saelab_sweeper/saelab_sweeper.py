@@ -1,5 +1,6 @@
-"""saelab's Hydra sweeper: an Optuna study whose trials run in-process through
-Hydra's launcher (``hydra/sweeper=saelab``; sweep files select it).
+"""saelab's Hydra sweeper: an Optuna study whose trials run as jobs of Hydra's
+launcher (``hydra/sweeper=saelab``; sweep files select it): in-process by default,
+in worker processes with ``hydra/launcher=joblib``, on SLURM with submitit.
 
 This is the Hydra adapter only: the search space (``study.params`` plus the
 command line's sweep overrides) is ``saelab.search_space``'s, the study and its
@@ -9,7 +10,9 @@ pass before the first trial. ``study.n_jobs`` > 1 starts that many worker
 processes in all (this one included) that share the study; any shell or
 machine can add workers by running the same command (``study.n_jobs=1`` adds
 exactly one). Workers stop asking once finished + running trials reach
-``n_trials``.
+``n_trials``. Each job gets its trial's ``saelab.study.TrialLink`` as hidden
+overrides and reaches the trial through the storage (``run_linked_job``), so
+pruning, guards and records do not depend on where the launcher runs it.
 
 Module-level imports stay light (saelab is imported inside the methods):
 Hydra imports every plugin module on each start, sweep or not.
@@ -17,12 +20,15 @@ Hydra imports every plugin module on each start, sweep or not.
 
 # No `from __future__ import annotations`: Hydra executes plugin modules outside
 # sys.modules, where dataclasses cannot resolve string annotations.
+import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +87,17 @@ def spawn_workers(n: int, log_dir: Path) -> list[subprocess.Popen]:
     return procs
 
 
+def _check_writable(directory: Path) -> None:
+    """A read-only or full output disk fails the sweep before its first trial."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"hydra.sweep.dir={str(directory)!r} is not writable ({e.strerror or e}); "
+                         "allowed: a writable directory (set SAELAB_OUTPUTS or hydra.sweep.dir)") from e
+
+
 # ---------------------------------------------------------------- the sweeper
 
 class SaelabSweeper(Sweeper):
@@ -91,9 +108,12 @@ class SaelabSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
+        from saelab.study import run_linked_job
+
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
-            config=config, hydra_context=hydra_context, task_function=task_function)
+            config=config, hydra_context=hydra_context,
+            task_function=functools.partial(run_linked_job, task_function))
 
     def _task_dict(self) -> dict:
         task = OmegaConf.to_container(self.config, resolve=False)
@@ -133,15 +153,14 @@ class SaelabSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from saelab import storage as sg
         from saelab import study as st
-        from saelab import trial as tr
         from saelab.search_space import capture_pairs
 
         task, scfg, space, grid, n_trials = self.plan(arguments)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        _check_writable(sweep_dir)
         worker = int(os.environ.get(WORKER_ENV, "0"))
         study = st.open_study(scfg)
         study.sampler = st.make_sampler(scfg, grid, seed_offset=7919 * worker + len(study.trials))
-        if st.callback_factory not in tr.CALLBACK_FACTORIES:
-            tr.CALLBACK_FACTORIES.append(st.callback_factory)
         pairs = capture_pairs(task, space, n_trials)
         if pairs:  # one forward pass for the whole scan (the cache's locks make workers share it)
             from saelab.cache import ensure_activations
@@ -150,7 +169,6 @@ class SaelabSweeper(Sweeper):
             cfg = trial_from_dict(task)
             log.info("capturing %d (layer, component) pairs in one pass", len(pairs))
             ensure_activations(cfg.model, cfg.data, pairs, root=cfg.cache_dir)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         procs = spawn_workers(scfg.n_jobs - 1, sweep_dir) if worker == 0 and scfg.n_jobs > 1 else []
         try:
             self._loop(study, scfg, space, n_trials, sg.ask_lock(study))
@@ -192,38 +210,51 @@ class SaelabSweeper(Sweeper):
     def _run(self, study, trial, scfg, space: "SearchSpace") -> None:
         from hydra.core.utils import JobStatus
         from optuna.storages._heartbeat import get_heartbeat_thread
+        from optuna.trial import TrialState
 
+        from saelab import storage as sg
         from saelab import study as st
+        from saelab.errors import OutputFailure, is_output_failure
         from saelab.search_space import suggest, trial_overrides
+        from saelab.storage import storage_url
 
         overrides = trial_overrides(space, suggest(trial, space))
         taken = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
         for key, value in (("sae.wandb_group", scfg.name), ("sae.wandb_name", f"trial_{trial.number}")):
             if key not in taken:
                 overrides.append(f"{key}={value}")
-        cb = st.OptunaCallback(trial, scfg)  # the guard's reference is set once the config is known
+        link = st.TrialLink(storage_url(study._storage), study.study_name, trial._trial_id)
         ret, outcome = None, None
-        st.set_active(cb)
-        try:
-            with get_heartbeat_thread(trial._trial_id, study._storage):
-                try:
-                    (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
-                    outcome = ret.return_value if ret.status == JobStatus.COMPLETED else ret._return_value
-                except Exception as e:  # noqa: BLE001  (composition errors fail this trial only)
-                    outcome = e
-        finally:
-            st.set_active(None)
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            try:
+                (ret,) = self.launcher.launch([overrides + link.overrides()],
+                                              initial_job_idx=trial.number)
+                outcome = ret.return_value if ret.status == JobStatus.COMPLETED else ret._return_value
+            except Exception as e:  # noqa: BLE001  (composition errors, lost job processes: this trial only)
+                outcome = e
         config = run_dir = None
         if ret is not None and ret.cfg is not None:
             try:
                 config = OmegaConf.to_container(ret.cfg, resolve=True)
             except Exception:  # noqa: BLE001
                 config = OmegaConf.to_container(ret.cfg, resolve=False)
+            st.TrialLink.pop(config)
             run_dir = str(ret.hydra_cfg.hydra.runtime.output_dir)
-        frozen = st.finish_trial(study, trial, scfg, outcome, cb.history, config, run_dir)
+        before = study._storage.get_trial(trial._trial_id)  # as the job left it
+        frozen = st.finish_trial(study, trial, scfg, outcome, before.user_attrs.get("history", []),
+                                 config, run_dir)
         reason = frozen.user_attrs.get("prune_reason") or frozen.user_attrs.get("fail_reason") or ""
         log.info("trial %d %s %s %s", frozen.number, frozen.state.name, frozen.values or "",
                  reason.splitlines()[0] if reason else "")
+        if frozen.state == TrialState.FAIL and is_output_failure(outcome):
+            # the machine's fault, not the trial's: later trials would fail the same way
+            sg.requeue(study, before, scfg)
+            where = Path(run_dir or str(self.config.hydra.sweep.dir))
+            free = shutil.disk_usage(where if where.exists() else where.parent).free / 2**20
+            raise OutputFailure(
+                f"trial {frozen.number} could not write its output under {where} "
+                f"({reason.splitlines()[0]}; {free:.0f} MiB free there); it is re-queued: free "
+                "space or fix the directory, then re-run the same command to resume")
 
     def _summarize(self, study, task: dict, sweep_dir: Path) -> None:
         from saelab.paths import atomic_write_text, outputs_root

@@ -182,6 +182,16 @@ class SAEConfig:
     """Steps between validation passes (intermediate values for pruning);
     default: about 8 per run."""
 
+    downstream_eval: str = "end"
+    """When to splice the SAE into the model and score next-token prediction on
+    held-out sequences (``val/ce_loss_clean|spliced|ablated``, ``val/delta_lm_loss``,
+    ``val/ce_loss_score``, ``val/kl_div``; ``saelab.evals``): ``end`` (once, after
+    training) or ``off``."""
+
+    downstream_sequences: int = 8
+    """Held-out sequences (of ``data.context_length`` tokens, from the validation
+    documents) the downstream metrics average over."""
+
     fast_step: bool = True
     """Use the hand-written, compiled fast training step (False: autodiff
     reference step; both give the same updates)."""
@@ -234,6 +244,10 @@ class SAEConfig:
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         _check(self.eval_every is None or self.eval_every >= 1, "eval_every", self.eval_every,
                ">= 1 or None")
+        _check(self.downstream_eval in ("end", "off"), "downstream_eval", self.downstream_eval,
+               "end, off")
+        _check(self.downstream_sequences >= 1, "downstream_sequences",
+               self.downstream_sequences, "an integer >= 1")
 
     def check_dims(self, d_model: int, prefix: str = "") -> None:
         """Checks that need the input width (k must fit in d_hidden); ``prefix="sae."``

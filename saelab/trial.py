@@ -92,6 +92,7 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
         "model_name": info.name, "model_identity": info.identity, "layer": cfg.layer,
         "component": cfg.component, "d_model": info.d_model, "activation_cache": str(entry.path),
         "train_activations": int(train.shape[0]), "val_activations": int(val.shape[0]),
+        "model_dtype": cfg.model.dtype, "data_config": asdict(cfg.data) if texts is None else None,
     }
     history = HistoryCallback(cfg.sae.batch_size)
     cbs: list[Any] = [history, *callbacks]
@@ -106,10 +107,18 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
             config={**asdict(cfg), **metadata},
         )
         cbs.append(wandb_cb)
+    downstream = None
+    if cfg.sae.downstream_eval != "off":  # its metrics reach the callbacks' on_end
+        from saelab.evals import TrialDownstream
+
+        downstream = TrialDownstream(cfg, entry, texts, model)
+        cbs = downstream.hold(cbs)
 
     try:
         sae, metrics = train_sae_on_arrays(train, val, cfg.sae, metadata=metadata,
                                            callbacks=cbs, progress=progress)
+        if downstream is not None:
+            metrics = downstream.finish(sae, metrics)
     except BaseException as e:  # a stopped/failed trial still points at its W&B run
         e.wandb_run_dir = wandb_cb.run_dir if wandb_cb is not None else None
         raise
@@ -118,15 +127,16 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
             wandb_cb.close()
     sae_path = sae.save(sae_path or out / "sae.mlx")
     t_end = time.perf_counter()
-    # the training loop's own time: set-up, W&B and saving count as overhead
+    # the training loop's own time: set-up, W&B and saving count as overhead (evaluation not)
     train_s = metrics["train/steps"] * cfg.sae.batch_size / metrics["train/tokens_per_second"]
+    eval_s = metrics.get("time/downstream_s", 0.0)
     metrics = {
         **metrics,
         "time/capture_s": t_data - t0,
         "time/train_s": train_s,
         "time/wall_s": t_end - t0,
         "time/tokens_per_s": metrics["train/tokens_per_second"],
-        "time/overhead_fraction": (t_end - t0 - train_s) / (t_end - t0),
+        "time/overhead_fraction": (t_end - t0 - train_s - eval_s) / (t_end - t0),
     }
     result = TrialResult(metrics=metrics, sae_path=str(sae_path), output_dir=str(out),
                          history=history.history,

@@ -126,3 +126,59 @@ def test_model_still_works_outside_a_trace(model):
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert "Paris" in mlx_lm.generate(model.model, model.tokenizer, "The capital of France is",
                                       max_tokens=6)
+
+
+def test_trace_is_deferred_and_interventions_replace_outputs(model):
+    name = "model.layers.6.mlp"
+    with model.trace(TEXTS[0]) as trace:
+        assert not trace.ran  # nothing runs inside the block...
+        trace.intervene(name, lambda a: a * 0)
+        output = model.output.save()
+    assert trace.ran  # ...until it exits
+    assert not trace.activations[name].any().item()  # the replacement is what was recorded
+    clean = model.trace(TEXTS[0])
+    assert not mx.array_equal(clean.logits, trace.logits).item()
+    assert mx.array_equal(output.value, trace.logits).item()
+    assert np.asarray(output).shape == output.shape == tuple(trace.logits.shape)
+    assert mx.array_equal(output[0, -1], trace.logits[0, -1]).item()
+    # layers before the intervention are untouched, the ones after see the replacement
+    assert mx.array_equal(trace.activations["model.layers.5.output"],
+                          clean.activations["model.layers.5.output"]).item()
+    before = clean.activations["model.layers.6.output"] - clean.activations[name]
+    assert close(trace.activations["model.layers.6.output"], before)
+    with pytest.raises(RuntimeError, match="already run"):
+        trace.intervene(name, lambda a: a)
+
+
+def test_output_save_needs_an_open_trace(model):
+    with pytest.raises(RuntimeError, match=r"model.output is only available inside `with model"):
+        model.output
+    with model.trace("x") as outer:
+        with model.trace(TEXTS[0]) as inner:
+            saved = model.output.save()
+        assert inner.ran and not outer.ran
+        with pytest.raises(RuntimeError, match="has not run yet"):
+            model.output.save().value
+    assert saved.shape[1] == inner.tokens.shape[1]
+    # an exception inside the block leaves the trace unrun and the model usable
+    with pytest.raises(KeyError):
+        with model.trace("x") as failed:
+            raise KeyError("boom")
+    assert not failed.ran and not model._open
+
+
+def test_intervening_applies_to_plain_forward_passes(model):
+    ids = model.tokenize(TEXTS[0])[0]
+    plain = model.model(ids)
+    with model.intervening({"model.layers.3.output": [lambda a: a + 1.0]}):
+        shifted = model.model(ids)
+    assert not mx.allclose(plain, shifted).item()
+    assert mx.array_equal(model.model(ids), plain).item()  # off again after the block
+
+
+def test_prompt_longer_than_the_context_is_clear(model):
+    limit = model.context_length
+    assert limit == 8192
+    with pytest.raises(ValueError, match=r"inputs is 8193 tokens long; allowed: at most the "
+                                         r"model's context of 8192 tokens"):
+        model.trace(np.ones((1, limit + 1), dtype=np.int32))

@@ -43,9 +43,12 @@ CONFIG_FILE = "sae.json"
 FORMAT = "saelab.topk_sae"
 FORMAT_VERSION = 1
 
-GATHER_MAX = 64
-"""Above this many codes per token, gathering [tokens, codes, d_model] decoder rows
-costs more than a dense [tokens, d_hidden] code times the decoder (BLAS)."""
+GATHER_RATIO = 16
+"""Decode by gathering the active decoder rows when latents >= GATHER_RATIO x codes per
+token; below that a dense [tokens, latents] code times the decoder (BLAS) costs less."""
+GATHER_BYTES = 1 << 28
+"""At most this many bytes of gathered decoder rows at once: wider decodes gather in
+token chunks (a validation batch at k 128 would otherwise gather >1 GB)."""
 
 
 # -- the one TopK encode/decode: the SAE, the training steps and the validator call these --
@@ -76,20 +79,37 @@ def topk_codes(pre: mx.array, k: int, select: Callable[[mx.array, int], mx.array
     return Codes(mx.maximum(selected, 0), idx, selected)
 
 
+def _gathers(w_dec: mx.array, indices: mx.array) -> bool:
+    return indices.shape[-1] * GATHER_RATIO <= w_dec.shape[0]
+
+
+def _token_chunks(w_dec: mx.array, indices: mx.array) -> list[slice]:
+    n, k = indices.shape
+    per = max(1, GATHER_BYTES // (k * w_dec.shape[1] * w_dec.itemsize))
+    return [slice(lo, min(n, lo + per)) for lo in range(0, n, per)]
+
+
+def _join(parts: list[mx.array]) -> mx.array:
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+
 def decode_codes(w_dec: mx.array, values: mx.array, indices: mx.array) -> mx.array:
     """``sum_j values[:, j] * w_dec[indices[:, j]]`` [n, d_model] (no bias): a gather of
-    the active decoder rows, or a dense code times ``w_dec`` for wide codes (AuxK)."""
-    if indices.shape[-1] <= GATHER_MAX:
-        return (values[:, None, :] @ w_dec[indices])[:, 0, :]
+    the active decoder rows, or a dense code times ``w_dec`` for codes too wide to pay."""
+    if _gathers(w_dec, indices):
+        return _join([(values[rows, None, :] @ w_dec[indices[rows]])[:, 0, :]
+                      for rows in _token_chunks(w_dec, indices)])
     dense = mx.put_along_axis(mx.zeros((indices.shape[0], w_dec.shape[0]), values.dtype),
                               indices, values, axis=-1)
     return dense @ w_dec
 
 
 def decode_codes_vjp(w_dec: mx.array, indices: mx.array, g_out: mx.array) -> mx.array:
-    """Gradient of ``decode_codes`` w.r.t. ``values`` given the output gradient ``g_out``."""
-    if indices.shape[-1] <= GATHER_MAX:
-        return (w_dec[indices] @ g_out[:, :, None])[..., 0]
+    """Gradient of ``decode_codes`` w.r.t. ``values`` given the output gradient ``g_out``.
+    Its gathers equal ``decode_codes``' (same chunks), so a compiled step computes them once."""
+    if _gathers(w_dec, indices):
+        return _join([(w_dec[indices[rows]] @ g_out[rows, :, None])[..., 0]
+                      for rows in _token_chunks(w_dec, indices)])
     return mx.take_along_axis(g_out @ w_dec.T, indices, axis=-1)
 
 

@@ -26,8 +26,9 @@ import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
 
 from saelab.config import SAEConfig
-from saelab.sae import decode_codes, decode_codes_vjp, pre_activations, topk_codes
-from saelab.topk import argpartition_topk
+from saelab.sae import (GATHER_RATIO, decode_codes, decode_codes_vjp, pre_activations,
+                        topk_codes)
+from saelab.topk import argpartition_topk, cpu_streams
 
 ADAM_EPS = 1e-8
 _TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
@@ -74,7 +75,7 @@ class StepConsts:
     betas: tuple[float, float]
     tied: bool
     grad_mode: str
-    """Weight-gradient form: ``dense`` (BLAS matmul), ``scatter`` or ``segment``."""
+    """Weight-gradient form: ``segment`` (sorted segment-sums) or ``dense`` (BLAS matmul)."""
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, d_model: int, d_hidden: int,
@@ -85,7 +86,7 @@ class StepConsts:
                    dead_threshold=cfg.dead_tokens_threshold,
                    l1_coefficient=cfg.l1_coefficient, gradient_clip=cfg.gradient_clip,
                    betas=tuple(cfg.adam_betas), tied=cfg.tied_weights,
-                   grad_mode=grad_mode or choose_grad_mode(cfg.k))
+                   grad_mode=grad_mode or choose_grad_mode(cfg.k, d_hidden))
 
     def aux_width(self, num_dead: int) -> int:
         """Latents the AuxK top-k selects: all dead ones up to k_aux, in power-of-2
@@ -95,13 +96,13 @@ class StepConsts:
         return min(self.k_aux, max(16, 1 << (min(num_dead, self.k_aux) - 1).bit_length()))
 
 
-def choose_grad_mode(k: int) -> str:
-    """Weight-gradient form by shape, from benchmarks/train_step.py (d 576, shared
-    2-core CPU): at k 32 the sorted segment-sum beat dense matmuls and scatter-add
-    at 4,608 and 18,432 latents (batch 1024 and 4096); at k 128 dense matmuls
-    were 1.4-2.4x faster than the segment-sum. A fixed rule, not a timing probe,
-    so a run's arithmetic (and result) does not depend on machine load."""
-    return "segment" if k < 128 else "dense"
+def choose_grad_mode(k: int, d_hidden: int) -> str:
+    """Weight-gradient form by shape: the sorted segment-sum costs ~k per token, the
+    dense matmul ~d_hidden; the segment-sum wins from ``GATHER_RATIO`` latents per code,
+    the same crossover as the decode's gather (benchmarks/README.md, "Step profile").
+    A fixed rule, not a timing probe, so a run's arithmetic (and result) does not
+    depend on machine load."""
+    return "segment" if k * GATHER_RATIO <= d_hidden else "dense"
 
 
 def _decoder_key(consts: StepConsts) -> str:
@@ -112,26 +113,39 @@ def _apply_update(state: dict, grads: dict, lr: mx.array, t: mx.array,
                   consts: StepConsts) -> dict:
     """Shared by both steps: project out the decoder-parallel gradient, clip the
     global norm, Adam (bias-corrected, mlx.optimizers.Adam's arithmetic),
-    renormalize decoder rows."""
+    renormalize decoder rows. The decoder's update runs on one CPU stream and
+    the other parameters' on the other (both cores). Per-row scalars are
+    indexed ``[:, None]`` rather than kept 2-D: a [rows, 1] operand made by
+    elementwise ops is fused into the [rows, d] kernel and recomputed (sqrt
+    and all) for every element, ~9x slower."""
     params, dec = state["params"], _decoder_key(consts)
-    w = params[dec]
-    g = grads[dec]
-    grads = {**grads, dec: g - mx.sum(g * w, axis=1, keepdims=True) * w}
+    enc_stream, dec_stream = cpu_streams()
+    place = {key: dec_stream if key in (dec, "b_dec") else enc_stream for key in grads}
+    with mx.stream(dec_stream):
+        w, g = params[dec], grads[dec]
+        grads = {**grads, dec: g - mx.sum(g * w, axis=1)[:, None] * w}
+    scale = None
     if consts.gradient_clip > 0:
-        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in grads.values()))
-        clip = mx.minimum(1.0, consts.gradient_clip / (norm + 1e-6))
-        grads = {k: g * clip for k, g in grads.items()}
+        sums = []
+        for key, g in grads.items():
+            with mx.stream(place[key]):
+                sums.append(mx.sum(mx.square(g)))
+        scale = mx.minimum(1.0, consts.gradient_clip / (mx.sqrt(sum(sums)) + 1e-6))
     b1, b2 = consts.betas
     c1 = lr / (1 - b1 ** t)
     c2 = mx.rsqrt(1 - b2 ** t)
     new = {"params": {}, "m": {}, "v": {}}
     for key, g in grads.items():
-        m = b1 * state["m"][key] + (1 - b1) * g
-        v = b2 * state["v"][key] + (1 - b2) * mx.square(g)
-        new["m"][key], new["v"][key] = m, v
-        new["params"][key] = params[key] - c1 * m / (mx.sqrt(v) * c2 + ADAM_EPS)
-    w = new["params"][dec]
-    new["params"][dec] = w / (mx.linalg.norm(w, axis=1, keepdims=True) + 1.1920929e-07)
+        with mx.stream(place[key]):
+            if scale is not None:
+                g = g * scale
+            m = b1 * state["m"][key] + (1 - b1) * g
+            v = b2 * state["v"][key] + (1 - b2) * mx.square(g)
+            new["m"][key], new["v"][key] = m, v
+            p = params[key] - c1 * m / (mx.sqrt(v) * c2 + ADAM_EPS)
+            if key == dec:
+                p = p / (mx.sqrt(mx.sum(mx.square(p), axis=1)) + 1.1920929e-07)[:, None]
+            new["params"][key] = p
     return new
 
 
@@ -172,67 +186,108 @@ def reference_step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead
                                  dead=mx.sum(new["tsf"] > consts.dead_threshold))
 
 
-def _weight_grad(idx: mx.array, vals: mx.array, rows: mx.array, h: int, mode: str) -> mx.array:
-    """out[l] = sum over (token b, slot j) with idx[b, j] == l of vals[b, j] * rows[b]."""
+class _Pairs(NamedTuple):
+    """The (token, latent) pairs a step's weight gradients sum over: each token's
+    ``k`` top-k slots, then its AuxK slots (if any)."""
+
+    idx: mx.array
+    """[n, kk] latent of each slot."""
+    codes: mx.array
+    """[n, kk] code values: the decoder gradient's weights."""
+    g_pre: mx.array
+    """[n, kk] pre-activation gradients: the encoder gradient's weights."""
+    row: mx.array
+    """[n, kk] row of ``g_out`` each slot's decoder gradient reads: the token for
+    top-k slots, ``n`` + the token for AuxK slots."""
+
+
+def _pairs(idx: mx.array, codes: mx.array, g_pre: mx.array, k: int) -> _Pairs:
     n, kk = idx.shape
+    row = mx.arange(n, dtype=mx.uint32)[:, None] + n * (mx.arange(kk) >= k).astype(mx.uint32)
+    return _Pairs(idx, codes, g_pre, row)
+
+
+def _weight_grads(pairs: _Pairs, xc: mx.array, g_out: mx.array, h: int, mode: str
+                  ) -> tuple[mx.array, mx.array]:
+    """(encoder, decoder) weight gradients: ``enc[l] = sum g_pre * xc[token]`` and
+    ``dec[l] = sum codes * g_out[row]`` over the pairs at latent l. ``segment``
+    sorts the pairs by latent once for both and runs the two segment-sums on
+    the two CPU streams; ``dense`` multiplies scattered [tokens, latents] codes
+    (BLAS, both cores)."""
+    n, kk = pairs.idx.shape
     if mode == "dense":
-        z = mx.zeros((n, h)).at[mx.arange(n)[:, None], idx].add(vals)
-        return z.T @ rows
-    flat = idx.reshape(-1)
-    if mode == "scatter":
-        tok = mx.arange(n * kk) // kk
-        return mx.zeros((h, rows.shape[1])).at[flat].add(vals.reshape(-1)[:, None] * rows[tok])
-    order = mx.argsort(flat)  # segment: sort pairs by latent, one small matmul per latent
+        tok = mx.arange(n)[:, None]
+        enc = mx.zeros((n, h)).at[tok, pairs.idx].add(pairs.g_pre)  # add: AuxK may repeat a latent
+        dec = mx.zeros((g_out.shape[0], h)).at[pairs.row, pairs.idx].add(pairs.codes)
+        return enc.T @ xc, dec.T @ g_out
+    flat, row = pairs.idx.reshape(-1), pairs.row.reshape(-1)
+    order = mx.argsort(flat)
     counts = mx.zeros((h,), mx.int32).at[flat].add(1)
     ends = mx.cumsum(counts)
     segments = mx.stack([ends - counts, ends], axis=-1).astype(mx.uint32)
-    out = mx.segmented_mm(vals.reshape(-1)[order][None, :], rows[order // kk], segments)
-    return out.reshape(h, rows.shape[1])
+    enc_stream, dec_stream = cpu_streams()
+    with mx.stream(enc_stream):
+        enc = mx.segmented_mm(pairs.g_pre.reshape(-1)[order][None], xc[order // kk], segments)
+    with mx.stream(dec_stream):
+        dec = mx.segmented_mm(pairs.codes.reshape(-1)[order][None], g_out[row[order]], segments)
+    return enc.reshape(h, -1), dec.reshape(h, -1)
 
 
-def _decode_with_grad(w: mx.array, codes_values: mx.array, idx: mx.array, g_fn):
-    """Decode codes and return (out, g_out, g_values): ``g_out = g_fn(out)`` is the
-    gradient w.r.t. the output, ``g_values`` the gradient w.r.t. the codes."""
-    out = decode_codes(w, codes_values, idx)
-    g_out = g_fn(out)
-    return out, g_out, decode_codes_vjp(w, idx, g_out)
+def _by_halves(fn, *arrays: mx.array) -> tuple[mx.array, ...]:
+    """``fn`` over the two token halves of ``arrays`` on the two CPU streams; its
+    outputs are joined along the token axis."""
+    n = arrays[0].shape[0]
+    parts = []
+    for s, rows in zip(cpu_streams(), (slice(0, n // 2), slice(n // 2, n)), strict=True):
+        with mx.stream(s):
+            parts.append(fn(*(a[rows] for a in arrays)))
+    return tuple(mx.concatenate(halves, axis=0) for halves in zip(*parts, strict=True))
+
+
+def _decode_residual(w_dec: mx.array, values: mx.array, idx: mx.array, offset: mx.array,
+                     coef: mx.array) -> tuple[mx.array, ...]:
+    """(resid, g_out, g_values), token halves on the two CPU streams: ``resid =
+    decode + offset``, the loss ``coef / 2 * |resid|^2``'s gradient ``g_out = coef *
+    resid`` w.r.t. the decode, and ``g_values`` w.r.t. the codes."""
+    def half(v_h, idx_h, offset_h):
+        resid = decode_codes(w_dec, v_h, idx_h) + offset_h
+        g_out = coef * resid
+        return resid, g_out, decode_codes_vjp(w_dec, idx_h, g_out)
+    return _by_halves(half, values, idx, offset)
 
 
 def _fast_grads(p: dict, x: mx.array, tsf: mx.array, aux_width: int, consts: StepConsts):
     """Hand-written gradients of the loss (see module docstring)."""
-    n, h, mode = x.shape[0], consts.d_hidden, consts.grad_mode
-    w_dec = p[_decoder_key(consts)]
-    xc = x - p["b_dec"]
+    n, h, k = x.shape[0], consts.d_hidden, consts.k
+    w_dec, b_dec = p[_decoder_key(consts)], p["b_dec"]
+    xc = x - b_dec
     pre = pre_activations(p, x)
-    codes = topk_codes(pre, consts.k)
+    codes = topk_codes(pre, k)
     idx, v = codes.indices, codes.values
     tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
-    recon, g_r, g_v = _decode_with_grad(w_dec, v, idx,
-                                        lambda out: (2 / tv) * (out + p["b_dec"] - x))
-    r = recon + p["b_dec"] - x
+    r, g_r, g_v = _decode_residual(w_dec, v, idx, -xc, 2 / tv)  # r = recon - x
     fvu = mx.sum(mx.square(r)) / tv
     l1 = mx.sum(v) / n
     g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient / n, 0)
-    enc_idx, enc_vals = [idx], [g_pre]
-    g_wdec = _weight_grad(idx, v, g_r, h, mode)
+    pairs, g_out = _pairs(idx, v, g_pre, k), g_r
     auxk = mx.array(0.0)
     if aux_width:
         dead = tsf > consts.dead_threshold
         scale = mx.minimum(mx.sum(dead).astype(mx.float32) / consts.k_aux, 1.0)
         aux = topk_codes(mx.where(dead, pre, -mx.inf), aux_width)  # -inf where alive -> code 0
         coef = 2 * consts.auxk_coefficient * scale / tv
-        e_hat, g_e, g_av = _decode_with_grad(w_dec, aux.values, aux.indices,
-                                             lambda out: coef * (out + r))
-        auxk = scale * mx.sum(mx.square(e_hat + r)) / tv
-        enc_idx.append(aux.indices)
-        enc_vals.append(mx.where(aux.selected > 0, g_av, 0))
-        g_wdec = g_wdec + _weight_grad(aux.indices, aux.values, g_e, h, mode)
-    all_idx, all_g = mx.concatenate(enc_idx, axis=1), mx.concatenate(enc_vals, axis=1)
-    g_benc = mx.zeros((h,)).at[all_idx.reshape(-1)].add(all_g.reshape(-1))
-    grads = {"W_enc": _weight_grad(all_idx, all_g, xc, h, mode), "b_enc": g_benc,
-             "b_dec": mx.sum(g_r, axis=0) - g_benc @ p["W_enc"]}
+        # e = e_hat - (x - recon): AuxK's decode of the dead latents against the residual
+        e, g_e, g_av = _decode_residual(w_dec, aux.values, aux.indices, r, coef)
+        auxk = scale * mx.sum(mx.square(e)) / tv
+        pairs = _pairs(mx.concatenate([idx, aux.indices], axis=1),
+                       mx.concatenate([v, aux.values], axis=1),
+                       mx.concatenate([g_pre, mx.where(aux.selected > 0, g_av, 0)], axis=1), k)
+        g_out = mx.concatenate([g_r, g_e], axis=0)
+    g_wenc, g_wdec = _weight_grads(pairs, xc, g_out, h, consts.grad_mode)
+    g_benc = mx.zeros((h,)).at[pairs.idx.reshape(-1)].add(pairs.g_pre.reshape(-1))
+    grads = {"W_enc": g_wenc, "b_enc": g_benc, "b_dec": mx.sum(g_r, axis=0) - g_benc @ p["W_enc"]}
     if consts.tied:
-        grads["W_enc"] = grads["W_enc"] + g_wdec
+        grads["W_enc"] = g_wenc + g_wdec
     else:
         grads["W_dec"] = g_wdec
     loss = fvu + consts.auxk_coefficient * auxk + consts.l1_coefficient * l1

@@ -1,4 +1,5 @@
-"""Exact top-k indices along the last axis, fast on MLX's CPU backend.
+"""Exact top-k indices along the last axis, fast on MLX's CPU backend, and the
+two CPU streams it (and the training step) split work over.
 
 ``mx.argpartition`` is single-threaded and was a quarter of a TopK SAE step.
 The block-max form is exact: take the max of each block of ``block`` latents,
@@ -17,7 +18,9 @@ BLOCK = 16
 _STREAMS: list = []
 
 
-def _streams() -> list:
+def cpu_streams() -> list:
+    """Two CPU streams: MLX runs each stream's ops on its own thread, one op at a
+    time, so independent work placed on both uses both cores."""
     if not _STREAMS:
         _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(2))
     return _STREAMS
@@ -50,7 +53,7 @@ def fast_topk(x: mx.array, k: int, block: int = BLOCK) -> mx.array:
         return block_topk(x, k, block)
     half = n // 2
     parts = []
-    for s, (lo, hi) in zip(_streams(), ((0, half), (half, n))):
+    for s, (lo, hi) in zip(cpu_streams(), ((0, half), (half, n))):
         with mx.stream(s):
             parts.append(block_topk(x[lo:hi], k, block))
     return mx.concatenate(parts, axis=0)

@@ -10,7 +10,8 @@ import saelab  # noqa: F401
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from saelab.sae import SAE
+from saelab import sae as sae_module
+from saelab.sae import SAE, decode_codes, decode_codes_vjp
 from saelab.topk import argpartition_topk, block_topk, fast_topk
 
 META = {"model_name": "smollm2_135m", "layer": 10, "component": "mlp"}
@@ -46,6 +47,25 @@ def test_block_topk_with_masked_latents():
     got = np.sort(np.array(mx.take_along_axis(x, fast_topk(x, 64), axis=1)), axis=1)
     ref = np.sort(np.array(mx.take_along_axis(x, argpartition_topk(x, 64), axis=1)), axis=1)
     assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("latents,k,gather_bytes", [
+    (512, 16, 1 << 28), (512, 16, 3 * 16 * 64 * 4), (512, 64, 1 << 28)])
+def test_decode_codes_and_vjp_match_dense(monkeypatch, latents, k, gather_bytes):
+    # gather (512 >= 16 * 16), gather in 3-token chunks, dense code (64 * 16 > 512)
+    monkeypatch.setattr(sae_module, "GATHER_BYTES", gather_bytes)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(latents, 64)).astype(np.float32)
+    idx = np.argsort(rng.random((37, latents)), axis=1)[:, :k].astype(np.uint32)
+    values = rng.exponential(size=(37, k)).astype(np.float32)
+    g_out = rng.normal(size=(37, 64)).astype(np.float32)
+    dense = np.zeros((37, latents), np.float32)
+    np.put_along_axis(dense, idx, values, axis=1)
+    args = mx.array(w), mx.array(values), mx.array(idx)
+    assert np.allclose(np.array(decode_codes(*args)), dense @ w, atol=1e-4)
+    want_vjp = np.take_along_axis(g_out @ w.T, idx, axis=1)
+    got_vjp = decode_codes_vjp(mx.array(w), mx.array(idx), mx.array(g_out))
+    assert np.allclose(np.array(got_vjp), want_vjp, atol=1e-4)
 
 
 def test_shapes_and_exact_k():

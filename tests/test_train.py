@@ -9,7 +9,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from saelab.config import SAEConfig
-from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
+from saelab.steps import (StepConsts, StepMetrics, _apply_update, make_fast_step,
+                          reference_step)
 from saelab.train import (Callback, StopTraining, TrainingDiverged, init_sae, lr_schedule,
                           train_sae_on_arrays)
 
@@ -127,13 +128,16 @@ def _one_step_state(cfg, dead: int):
     return sae, state, x
 
 
-@pytest.mark.parametrize("mode,dead,k_aux,tied,l1", [
-    ("segment", 0, None, False, 0.0), ("segment", 5, None, False, 1e-3),
-    ("scatter", 40, None, False, 0.0), ("dense", 100, 96, False, 0.0),
-    ("segment", 100, 96, True, 0.0), ("dense", 3, None, True, 1e-3)])
-def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1):
-    cfg = small_cfg(k_aux=k_aux, tied_weights=tied, l1_coefficient=l1, gradient_clip=0.05)
+@pytest.mark.parametrize("mode,dead,k_aux,tied,l1,k,tokens", [
+    ("segment", 0, None, False, 0.0, 8, 512), ("segment", 5, None, False, 1e-3, 8, 512),
+    ("segment", 40, None, False, 0.0, 8, 512), ("dense", 100, 96, False, 0.0, 8, 512),
+    ("segment", 100, 96, True, 0.0, 8, 512), ("dense", 3, None, True, 1e-3, 8, 512),
+    ("segment", 30, None, False, 0.0, 8, 301),  # odd batch: unequal token halves
+    ("dense", 0, None, False, 0.0, 72, 256)])  # k * GATHER_RATIO > latents: dense decode
+def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1, k, tokens):
+    cfg = small_cfg(k_aux=k_aux, tied_weights=tied, l1_coefficient=l1, gradient_clip=0.05, k=k)
     sae, state, x = _one_step_state(cfg, dead)
+    x = x[:tokens]
     consts = StepConsts.from_config(cfg, D, sae.d_hidden, grad_mode=mode)
     lr, t = mx.array(1e-3), mx.array(1.0)
     ref_state, ref_out = reference_step(state, x, lr, t, dead, consts)
@@ -148,6 +152,45 @@ def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1):
             ref, got = np.array(ref), np.array(fast_state[part][key])
             assert np.allclose(got, ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max()), (part, key)
     assert np.array_equal(np.array(ref_state["tsf"]), np.array(fast_state["tsf"]))
+
+
+def _numpy_update(params, m, v, grads, lr, t, cfg):
+    """The update the steps share, written plainly in float64: decoder-parallel
+    gradient removed, global-norm clip, bias-corrected Adam, unit decoder rows."""
+    (b1, b2), dec = cfg.adam_betas, "W_dec"
+    g = {key: np.float64(a) for key, a in grads.items()}
+    w = np.float64(params[dec])
+    g[dec] = g[dec] - np.sum(g[dec] * w, axis=1, keepdims=True) * w
+    norm = np.sqrt(sum(np.sum(a ** 2) for a in g.values()))
+    g = {key: a * min(1.0, cfg.gradient_clip / (norm + 1e-6)) for key, a in g.items()}
+    out = {}
+    for key, a in g.items():
+        m_new = b1 * np.float64(m[key]) + (1 - b1) * a
+        v_new = b2 * np.float64(v[key]) + (1 - b2) * a ** 2
+        step = lr * (m_new / (1 - b1 ** t)) / (np.sqrt(v_new / (1 - b2 ** t)) + 1e-8)
+        out[key] = (np.float64(params[key]) - step, m_new, v_new)
+    p_dec = out[dec][0]
+    out[dec] = (p_dec / (np.linalg.norm(p_dec, axis=1, keepdims=True) + 1.1920929e-07),
+                *out[dec][1:])
+    return out
+
+
+def test_update_is_projected_clipped_adam_with_unit_decoder():
+    cfg = small_cfg(gradient_clip=0.5)
+    sae, state, _ = _one_step_state(cfg, 0)
+    consts = StepConsts.from_config(cfg, D, sae.d_hidden)
+    rng = np.random.default_rng(0)
+    for t in (1, 2, 3):  # bias correction changes with t; moments carry over
+        grads = {key: mx.array(rng.normal(size=a.shape).astype(np.float32))
+                 for key, a in state["params"].items()}
+        want = _numpy_update(state["params"], state["m"], state["v"], grads, 1e-2, t, cfg)
+        state = {**_apply_update(state, grads, mx.array(1e-2), mx.array(float(t)), consts),
+                 "tsf": state["tsf"]}
+        for key, (p, m, v) in want.items():
+            for part, ref in (("params", p), ("m", m), ("v", v)):
+                got = np.array(state[part][key])
+                assert np.allclose(got, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max()), \
+                    (t, part, key)
 
 
 def test_divergence_raises_before_any_sae():

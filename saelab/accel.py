@@ -5,7 +5,12 @@ MLX's Linux CPU wheel links a reference BLAS (~6 GFLOP/s for a float32
 before ``mlx.core`` is first imported lets MLX resolve its BLAS symbols there
 (~200 GFLOP/s, numpy's rate). MLX's CPU allocator also keeps no buffer cache,
 so every large array is mmap'ed and zeroed afresh by the kernel; keeping large
-blocks on glibc's heap (M_MMAP_MAX=0, no trimming) removes that cost.
+blocks on glibc's heap (M_MMAP_MAX=0, no trimming) removes that cost. OpenBLAS
+picks its kernels by CPU model and falls back to the slowest (Prescott, SSE3) on
+a model it does not know, such as a virtual machine's "Intel Xeon Processor":
+where ``OPENBLAS_CORETYPE`` is unset, saelab sets it from the CPU's flags
+(SkylakeX with AVX-512, Haswell with AVX2): 4.5x faster float32 matmuls on such
+a machine (benchmarks/README.md, "Step profile").
 
 This module must not import mlx. ``saelab/__init__.py`` calls ``setup()``.
 Environment switches:
@@ -43,19 +48,36 @@ class AccelState:
     blas_path: str | None = None
     """The BLAS preloaded before mlx.core, or None (MLX's bundled reference BLAS)."""
     malloc_tuned: bool = False
+    blas_coretype: str | None = None
+    """The ``OPENBLAS_CORETYPE`` saelab set (None: OpenBLAS's own detection or the user's)."""
     reason: str = ""
     """Why the fast path is off or partial (empty when fully on)."""
 
     @property
     def blas(self) -> str:
         if self.blas_path:
-            return f"OpenBLAS preloaded ({self.blas_path})"
+            core = f", OPENBLAS_CORETYPE={self.blas_coretype}" if self.blas_coretype else ""
+            return f"OpenBLAS preloaded ({self.blas_path}{core})"
         if sys.platform == "darwin":
             return "Accelerate (MLX on macOS)"
         return "reference BLAS bundled with MLX (slow)"
 
 
 STATE = AccelState()
+
+
+def _openblas_coretype() -> str | None:
+    """The OpenBLAS kernel family the CPU's flags support (x86 Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration, IndexError):
+        return None
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
 
 
 def _find_blas() -> str | None:
@@ -92,6 +114,10 @@ def setup() -> AccelState:
         pass
     path = _find_blas()
     if path:
+        if "OPENBLAS_CORETYPE" not in os.environ:  # read when OpenBLAS loads
+            STATE.blas_coretype = _openblas_coretype()
+            if STATE.blas_coretype:
+                os.environ["OPENBLAS_CORETYPE"] = STATE.blas_coretype
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             STATE.blas_path = path

@@ -15,6 +15,8 @@ import pytest
 from saelab.config import StudyConfig
 from saelab.study import open_study
 
+pytestmark = pytest.mark.slow  # a `saelab` subprocess per case (~1-2 s each)
+
 SAELAB = str(Path(sys.executable).parent / "saelab")
 
 # (command line, a substring of the one line); DB/NONE/BUSY are filled in per test

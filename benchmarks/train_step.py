@@ -75,9 +75,9 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
     """Block-by-block ms of the fast step (no AuxK unless named)."""
     cfg = SAEConfig(expansion_factor=expansion, k=k, batch_size=batch)
     sae = SAE(D, expansion * D, k)
-    consts = StepConsts.from_config(cfg, D, sae.d_hidden,
-                                    grad_mode=None if mode == "auto" else mode)
     h = sae.d_hidden
+    consts = StepConsts.from_config(cfg, D, h, grad_mode=None if mode == "auto" else mode)
+    mode = consts.grad_mode or choose_grad_mode(k, h)  # without AuxK
     state = new_state(sae)
     p, x = state["params"], mx.random.normal((batch, D), key=mx.random.key(0)) * 4
     lr, t = mx.array(1e-3), mx.array(1.0)
@@ -93,14 +93,14 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
         "topk": (lambda a: topk_codes(a, k), pre),
         "decode_and_code_grads": (lambda w, v, i, o, c: _decode_residual(w, v, i, o, c),
                                   p["W_dec"], codes.values, codes.indices, -xc, 2 / tv),
-        "weight_grads": (lambda q, a, g: _weight_grads(q, a, g, h, consts.grad_mode),
+        "weight_grads": (lambda q, a, g: _weight_grads(q, a, g, h, mode),
                          pairs, xc, g_r),
         "update": (lambda s, g: _apply_update(s, g, lr, t, consts), state, grads),
         "tsf_and_metrics": (lambda f, i, v, s: (_fired_tsf(f, i, v), mx.sum(mx.square(s)),
                                                 mx.sum(v > 0)),
                             state["tsf"], codes.indices, codes.values, r),
     }
-    row = {"expansion": expansion, "k": k, "batch": batch, "grad_mode": consts.grad_mode}
+    row = {"expansion": expansion, "k": k, "batch": batch, "grad_mode": mode}
     for name, (fn, *args) in blocks.items():
         row[name] = median_ms(mx.compile(fn), *args, reps=reps)
     step = make_fast_step(consts)

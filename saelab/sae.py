@@ -43,9 +43,11 @@ CONFIG_FILE = "sae.json"
 FORMAT = "saelab.topk_sae"
 FORMAT_VERSION = 1
 
-GATHER_RATIO = 16
+GATHER_RATIO = 64
 """Decode by gathering the active decoder rows when latents >= GATHER_RATIO x codes per
-token; below that a dense [tokens, latents] code times the decoder (BLAS) costs less."""
+token; below that a dense [tokens, latents] code times the decoder (BLAS) costs less
+(crossover measured near 40 latents per code for the decode, 65 for the training
+step's weight gradients, which use the same rule: benchmarks/README.md)."""
 GATHER_BYTES = 1 << 28
 """At most this many bytes of gathered decoder rows at once: wider decodes gather in
 token chunks (a validation batch at k 128 would otherwise gather >1 GB)."""

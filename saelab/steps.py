@@ -74,8 +74,10 @@ class StepConsts:
     gradient_clip: float
     betas: tuple[float, float]
     tied: bool
-    grad_mode: str
-    """Weight-gradient form: ``segment`` (sorted segment-sums) or ``dense`` (BLAS matmul)."""
+    grad_mode: str | None
+    """Weight-gradient form: ``segment`` (sorted segment-sums), ``dense`` (BLAS matmul),
+    or None: ``choose_grad_mode`` by the shape of each compiled step (k plus its AuxK
+    width)."""
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, d_model: int, d_hidden: int,
@@ -86,7 +88,7 @@ class StepConsts:
                    dead_threshold=cfg.dead_tokens_threshold,
                    l1_coefficient=cfg.l1_coefficient, gradient_clip=cfg.gradient_clip,
                    betas=tuple(cfg.adam_betas), tied=cfg.tied_weights,
-                   grad_mode=grad_mode or choose_grad_mode(cfg.k, d_hidden))
+                   grad_mode=grad_mode)
 
     def aux_width(self, num_dead: int) -> int:
         """Latents the AuxK top-k selects: all dead ones up to k_aux, in power-of-2
@@ -97,8 +99,9 @@ class StepConsts:
 
 
 def choose_grad_mode(k: int, d_hidden: int) -> str:
-    """Weight-gradient form by shape: the sorted segment-sum costs ~k per token, the
-    dense matmul ~d_hidden; the segment-sum wins from ``GATHER_RATIO`` latents per code,
+    """Weight-gradient form by shape, for ``k`` gradient pairs per token (top-k plus
+    AuxK): the sorted segment-sum costs ~k per token, the dense matmul ~d_hidden;
+    the segment-sum wins from ``GATHER_RATIO`` latents per pair,
     the same crossover as the decode's gather (benchmarks/README.md, "Step profile").
     A fixed rule, not a timing probe, so a run's arithmetic (and result) does not
     depend on machine load."""
@@ -283,7 +286,8 @@ def _fast_grads(p: dict, x: mx.array, tsf: mx.array, aux_width: int, consts: Ste
                        mx.concatenate([v, aux.values], axis=1),
                        mx.concatenate([g_pre, mx.where(aux.selected > 0, g_av, 0)], axis=1), k)
         g_out = mx.concatenate([g_r, g_e], axis=0)
-    g_wenc, g_wdec = _weight_grads(pairs, xc, g_out, h, consts.grad_mode)
+    mode = consts.grad_mode or choose_grad_mode(pairs.idx.shape[1], h)
+    g_wenc, g_wdec = _weight_grads(pairs, xc, g_out, h, mode)
     g_benc = mx.zeros((h,)).at[pairs.idx.reshape(-1)].add(pairs.g_pre.reshape(-1))
     grads = {"W_enc": g_wenc, "b_enc": g_benc, "b_dec": mx.sum(g_r, axis=0) - g_benc @ p["W_enc"]}
     if consts.tied:

@@ -50,9 +50,9 @@ def test_block_topk_with_masked_latents():
 
 
 @pytest.mark.parametrize("latents,k,gather_bytes", [
-    (512, 16, 1 << 28), (512, 16, 3 * 16 * 64 * 4), (512, 64, 1 << 28)])
+    (512, 8, 1 << 28), (512, 8, 3 * 8 * 64 * 4), (512, 64, 1 << 28)])
 def test_decode_codes_and_vjp_match_dense(monkeypatch, latents, k, gather_bytes):
-    # gather (512 >= 16 * 16), gather in 3-token chunks, dense code (64 * 16 > 512)
+    # gather (512 >= 8 * GATHER_RATIO), in 3-token chunks, dense code (64 * GATHER_RATIO > 512)
     monkeypatch.setattr(sae_module, "GATHER_BYTES", gather_bytes)
     rng = np.random.default_rng(0)
     w = rng.normal(size=(latents, 64)).astype(np.float32)

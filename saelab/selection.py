@@ -26,8 +26,10 @@ from optuna.trial import FrozenTrial, TrialState
 from saelab.study import objectives_of
 
 KEY_METRICS = ("val/nmse", "val/nmse_p99", "val/explained_variance", "val/l0",
-               "val/dead_fraction", "train/tokens", "time/wall_s")
-"""Final metrics shown beside the objectives (trials table, summary.md, report table)."""
+               "val/dead_fraction", "val/delta_lm_loss", "val/ce_loss_score", "val/kl_div",
+               "train/tokens", "time/wall_s")
+"""Final metrics shown beside the objectives (trials table, summary.md, report table);
+a trial without one (e.g. ``sae.downstream_eval=off``) shows an empty cell."""
 DEFAULT_TOP = 3
 """Trials exported from a single-objective study without ``--top`` (a rule exports 1)."""
 KEYWORDS = ("min", "max", "where", "and")

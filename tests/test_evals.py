@@ -176,3 +176,22 @@ def test_trial_metrics_and_shared_baseline(model, tmp_path, monkeypatch):
         expansion_factor=2, k=4, num_epochs=1, batch_size=256, downstream_eval="off"),
         max_tokens=3000, context_length=64)
     assert not set(DOWNSTREAM_METRICS) & set(off.metadata["metrics"])
+
+
+def test_downstream_sweep_composes():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saelab.config import StudyConfig, register_configs, trial_from_dict
+    from saelab.configs import conf_dir
+    from saelab.search_space import parse_search_space, validate_search_space
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["sweep=downstream"])
+    task = OmegaConf.to_container(cfg, resolve=True)
+    study = StudyConfig(**task["study"])
+    assert study.objectives == ["val/delta_lm_loss", "val/l0"]
+    assert trial_from_dict(task).sae.downstream_eval == "end"
+    space = parse_search_space(study.params, [])
+    assert validate_search_space(task, space, groups=["model", "sae"]) >= 2

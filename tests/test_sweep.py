@@ -90,7 +90,7 @@ def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
     # media (the trials table, plotly figures) are logged as files: <key>/_type, <key>/path, ...
     summary_media = {k.rsplit("/", 1)[0] for h in summary_run["history"] for k in h
                      if k.endswith("/_type")}
-    assert {"trials", "report/pareto_front", "report/nmse_vs_l0"} <= summary_media, summary_media
+    assert {"trials", "report/pareto_front", "report/optimization_history/val/nmse"} <= summary_media, summary_media
     assert (tmp_path / "out/studies/four/optimization_results.yaml").exists()
     assert trials_main(["four", "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
     table = capsys.readouterr().out

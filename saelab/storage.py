@@ -10,6 +10,7 @@ at once when the worker ran on this machine, after ``grace_period`` otherwise.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import socket
@@ -17,6 +18,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -73,10 +75,20 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
 
 def open_storage(cfg: StudyConfig) -> BaseStorage:
     """``sqlite:///rel/path`` (relative to the cwd; parent dirs created),
-    ``journal:///path``, or any SQLAlchemy URL (postgresql, mysql); with heartbeats."""
+    ``journal:///path``, or any SQLAlchemy URL (postgresql, mysql); with heartbeats.
+    ``grpc://host:port`` is Optuna's gRPC proxy in front of one of those (no heartbeats:
+    dead workers are found by process id on their own machine only)."""
     url = cfg.storage
     retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
     try:
+        if url.startswith("grpc://"):
+            from optuna.storages import GrpcStorageProxy
+
+            host, _, port = url[len("grpc://"):].rstrip("/").rpartition(":")
+            proxy = GrpcStorageProxy(host=host or "localhost", port=int(port))
+            proxy.wait_server_ready(timeout=10)  # fail here, not at the first trial
+            proxy.url = url
+            return proxy
         if url.startswith("journal://"):
             path = Path(url[len("journal://"):]).expanduser().resolve()
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +110,7 @@ def open_storage(cfg: StudyConfig) -> BaseStorage:
     except Exception as e:  # noqa: BLE001  (any driver error means: cannot be opened)
         raise ValueError(f"study.storage={cfg.storage!r} cannot be opened ({type(e).__name__}: {e}); "
                          "allowed: sqlite:///path.db, journal:///path.log, postgresql://..., "
-                         "mysql://...") from e
+                         "mysql://..., grpc://host:port") from e
 
 
 def storage_url(storage: BaseStorage) -> str:
@@ -109,10 +121,13 @@ def storage_url(storage: BaseStorage) -> str:
 
 
 def close_storage(storage: BaseStorage) -> None:
-    """Return an RDB storage's pooled connections now (jobs open one per trial)."""
-    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
-    if engine is not None:
-        engine.dispose()
+    """Return an RDB storage's pooled connections (a gRPC proxy's channel) now: jobs open
+    one storage per trial."""
+    backend = getattr(storage, "_backend", storage)
+    if getattr(backend, "engine", None) is not None:
+        backend.engine.dispose()
+    elif callable(getattr(backend, "close", None)):
+        backend.close()
 
 
 def open_existing_storage(url: str) -> BaseStorage:
@@ -167,9 +182,20 @@ def claim(study: optuna.Study, trial: optuna.Trial) -> None:
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, cfg: StudyConfig) -> None:
-    """Add a waiting retry of failed ``trial`` with its params (at most ``cfg.max_retry``
-    times); the budget counts the failure through its retry."""
-    RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)(study, trial)
+    """Add a waiting retry of ``trial`` with its params (at most ``cfg.max_retry`` times),
+    unless it has one; the budget counts the failure through its retry. Called before
+    the trial is failed, so a kill between the two writes leaves a retry, never a lost
+    trial. The retry keeps the sampler's attributes (grid point, generation), not the
+    dead run's record (metrics, history, constraints, worker)."""
+    if any(trial.number in t.system_attrs.get("retry_history", [])
+           for t in study.get_trials(deepcopy=False)):
+        return
+    clean = copy.deepcopy(trial)
+    clean.user_attrs = {}
+    clean.system_attrs = {k: v for k, v in trial.system_attrs.items()
+                          if k not in (WORKER_ATTR, JOB_ATTR, HEARTBEAT_ATTR)
+                          and not k.startswith("constraints")}
+    RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)(study, clean)
 
 
 def reap_dead_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
@@ -178,12 +204,18 @@ def reap_dead_trials(study: optuna.Study, cfg: StudyConfig) -> list[int]:
     reaped = []
     for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         worker = t.system_attrs.get(WORKER_ATTR)
-        if worker is None or worker_alive(worker) is not False:
+        if worker is None:  # asked, never claimed: its process died in between (or is another
+            # machine's, between the two writes now): after the grace period, dead either way
+            age = (datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0
+            if age <= cfg.grace_period:
+                continue
+        elif worker_alive(worker) is not False:
             continue
         try:
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {worker} died")
+            requeue(study, t, cfg)  # first: see requeue
+            storage.set_trial_user_attr(t._trial_id, "fail_reason",
+                                        f"worker {worker or '(unclaimed)'} died")
             if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                requeue(study, t, cfg)  # the snapshot without fail_reason: the retry starts clean
                 reaped.append(t.number)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker got there first

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Optional, Sequence
@@ -29,7 +30,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from saelab.config import StudyConfig, trial_from_dict
+from saelab.config import StudyConfig, TrialConfig, trial_from_dict
 from saelab.storage import (JOB_ATTR, close_storage, open_existing_storage, open_storage,
                             worker_id)
 from saelab.train import Callback, StopTraining, TrainingDiverged
@@ -222,10 +223,42 @@ def run_linked_job(task: Callable[..., Any], cfg: Any) -> Any:
                                   sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(scfg))
         trial = optuna.trial.Trial(study, link.trial_id)
         storage.set_trial_system_attr(link.trial_id, JOB_ATTR, worker_id())
+        check_memory(trial_from_dict(config))
         cb = OptunaCallback(trial, scfg, *best_reference(study, config))
         return task(cfg, callbacks=[cb])
     finally:
         close_storage(storage)
+
+
+def _available_bytes() -> Optional[int]:
+    """Memory this process can still take: MemAvailable, capped by RLIMIT_AS (Linux)."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+            free = min(free, soft - int(status["VmSize"].split()[0]) * 1024)
+        return free
+    except (OSError, KeyError, ValueError):
+        return None  # not Linux: no check
+
+
+def check_memory(cfg: TrialConfig) -> None:
+    """MemoryError when the SAE, its gradients and Adam's two moments (float32) cannot fit:
+    MLX would crash the whole worker on the failed allocation, losing the sweep; this
+    fails only the trial, with its reason."""
+    from saelab.models import model_info
+
+    d_model = model_info(cfg.model).d_model
+    d_hidden = cfg.sae.expansion_factor * d_model
+    params = d_model * d_hidden * (1 if cfg.sae.tied_weights else 2) + d_hidden + d_model
+    need = 4 * (4 * params + 4 * cfg.sae.batch_size * d_hidden)  # + a batch's activations
+    free = _available_bytes()
+    if free is not None and need > free:
+        raise MemoryError(f"sae.expansion_factor={cfg.sae.expansion_factor} (d_hidden={d_hidden}) "
+                          f"needs ~{need / 2**30:.1f} GiB for the SAE, its gradients and Adam "
+                          f"state; {max(free, 0) / 2**30:.1f} GiB available")
 
 
 # ---------------------------------------------------------------- records

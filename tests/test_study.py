@@ -19,6 +19,7 @@ from saelab import study as st
 from saelab.config import StudyConfig, TrialConfig
 from saelab.search_space import (capture_pairs, grid_of, parse_search_space, trial_overrides,
                                  validate_search_space)
+from saelab.selection import KEY_METRICS
 from saelab.train import StopTraining, TrainingDiverged
 from saelab.trial import TrialResult
 from saelab.trials import trial_rows, trials_main
@@ -163,12 +164,15 @@ def test_stale_heartbeat_fails_and_retries(tmp_path):
         t = study.ask()
         t.suggest_float("x", 0, 1)
         study._storage.record_heartbeat(t._trial_id)
+        unclaimed = study.ask()  # its process died between ask and claim: no worker, no beat
+        unclaimed.suggest_float("x", 0, 1)
         sg.reap_dead_trials(study, cfg)
-        assert study.trials[0].state == TrialState.RUNNING  # fresh
+        assert [s.state for s in study.trials] == [TrialState.RUNNING] * 2  # fresh
         time.sleep(3.1)
         sg.reap_dead_trials(study, cfg)
-        assert [s.state for s in study.trials] == [TrialState.FAIL, TrialState.WAITING], url
-        assert study.trials[1].params == study.trials[0].params
+        states = [s.state for s in study.trials]
+        assert states == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2, url
+        assert {t.params["x"] for t in study.trials[2:]} == {t.params["x"] for t in study.trials[:2]}
 
 
 # ---------------------------------------------------------------- callback & records
@@ -236,8 +240,9 @@ def test_records_and_table(tmp_path, capsys):
     assert trials[2].constraints["val/dead_fraction"] > 0
     assert [r[2] for r in rows] == [True, True, False, False, False, False]
     # objectives once, then the other key metrics, with no column for the objectives twice
-    assert cols[3:] == ["sae.k", "val/nmse", "val/dead_fraction", "val/nmse_p99",
-                        "val/explained_variance", "val/l0", "train/tokens", "time/wall_s", "reason"]
+    assert cols[3:] == ["sae.k", "val/nmse", "val/dead_fraction",
+                        *[m for m in KEY_METRICS if m not in ("val/nmse", "val/dead_fraction")],
+                        "reason"]
     bad = study.ask()
     with pytest.raises(ValueError, match=r"study.objectives=.*\['val/dead_fraction'\]"):
         st.finish_trial(study, bad, cfg, TrialResult({"val/nmse": 0.1}, "x", "x"), [], None, None)
@@ -261,6 +266,22 @@ def test_trial_link_survives_hydra_overrides():
                                               for o in parsed}}
     assert st.TrialLink.pop(config) == link and config == {"layer": 10}
     assert st.TrialLink.pop(config) is None
+
+
+def test_slurm_launcher_composes():
+    """hydra-submitit-launcher's SLURM launcher (no SLURM here: tests/test_sweep.py runs its
+    local executor) composes with a sweep file."""
+    from hydra import compose, initialize_config_dir
+
+    from saelab.config import register_configs
+    from saelab.configs import conf_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+            "sweep=smoke", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.sweeper._target_.endswith("SaelabSweeper")
 
 
 def test_loss_guard_compares_like_with_like():

@@ -210,7 +210,6 @@ class SaelabSweeper(Sweeper):
     def _run(self, study, trial, scfg, space: "SearchSpace") -> None:
         from hydra.core.utils import JobStatus
         from optuna.storages._heartbeat import get_heartbeat_thread
-        from optuna.trial import TrialState
 
         from saelab import storage as sg
         from saelab import study as st
@@ -241,14 +240,15 @@ class SaelabSweeper(Sweeper):
             st.TrialLink.pop(config)
             run_dir = str(ret.hydra_cfg.hydra.runtime.output_dir)
         before = study._storage.get_trial(trial._trial_id)  # as the job left it
+        lost_output = isinstance(outcome, BaseException) and is_output_failure(outcome)
+        if lost_output:  # the machine's fault, not the trial's: run it again after the fix
+            sg.requeue(study, before, scfg)
         frozen = st.finish_trial(study, trial, scfg, outcome, before.user_attrs.get("history", []),
                                  config, run_dir)
         reason = frozen.user_attrs.get("prune_reason") or frozen.user_attrs.get("fail_reason") or ""
         log.info("trial %d %s %s %s", frozen.number, frozen.state.name, frozen.values or "",
                  reason.splitlines()[0] if reason else "")
-        if frozen.state == TrialState.FAIL and is_output_failure(outcome):
-            # the machine's fault, not the trial's: later trials would fail the same way
-            sg.requeue(study, before, scfg)
+        if lost_output:  # later trials would fail the same way: stop here
             where = Path(run_dir or str(self.config.hydra.sweep.dir))
             free = shutil.disk_usage(where if where.exists() else where.parent).free / 2**20
             raise OutputFailure(

@@ -98,7 +98,8 @@ def _prepare_task(cfg) -> None:
     validate_trial(trial)
     entry = ensure_activations(trial.model, trial.data, [(trial.layer, trial.component)],
                                root=trial.cache_dir)[(trial.layer, trial.component)]
-    print(f"[saelab] activations ready: {entry.n_tokens} tokens x {entry.d_model} at {entry.path}")
+    print(f"[saelab] activations ready: {entry.n_tokens} tokens x {entry.d_model} in "
+          f"{entry.n_shards} shards at {entry.path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,15 @@ class DataConfig:
     """Seed of the document-level train/validation split (its fraction is
     ``sae.validation_split``; the cache holds all documents, split on read)."""
 
+    shuffle_buffer_tokens: int = 131_072
+    """Training tokens held in the out-of-core shuffle buffer (float16: 151 MB at
+    d_model 576). Batches are drawn from it while it is refilled from random
+    512-token chunks of the cache; a train split no larger is shuffled whole."""
+
+    max_val_tokens: int = 65_536
+    """At most this many validation tokens (float32, in RAM) are evaluated on: the
+    held-out documents of a few shards, the same for every trial of a cache."""
+
     def __post_init__(self) -> None:
         _check(self.source in ("pydocs", "files", "hub"), "data.source", self.source,
                "pydocs, files, hub")
@@ -98,6 +107,10 @@ class DataConfig:
             _check(bool(self.name), "data.name", self.name, "a datasets name, e.g. wikitext")
         _check(self.max_tokens > 0, "data.max_tokens", self.max_tokens, "a positive integer")
         _check(self.context_length >= 2, "data.context_length", self.context_length, ">= 2")
+        _check(self.shuffle_buffer_tokens >= 1, "data.shuffle_buffer_tokens",
+               self.shuffle_buffer_tokens, "a positive integer")
+        _check(self.max_val_tokens >= 1, "data.max_val_tokens", self.max_val_tokens,
+               "a positive integer")
 
 
 @dataclass

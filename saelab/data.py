@@ -8,19 +8,25 @@ Three sources (``DataConfig.source``):
   ``.jsonl``/``.json`` and ``.parquet`` (one document per row, ``text_field``).
 - ``hub``: ``datasets.load_dataset(name, subset, split=split)``.
 
-Packing never lets a sequence span two documents, so a document-level
-train/validation split of the captured tokens is clean.
+Every source is read as a stream: ``datasets`` keeps a corpus as memory-mapped
+Arrow tables on disk (a hub dataset is downloaded and prepared there), and
+``iter_texts`` reads them in batches of ``READ_BATCH`` rows, so no corpus is ever
+one list in memory; ``pack_blocks`` tokenizes that stream in batches as the
+capture consumes it. Packing never lets a sequence span two documents, so a
+document-level train/validation split of the captured tokens is clean.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +37,11 @@ from saelab.paths import cache_root
 log = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+READ_BATCH = 1024
+"""Rows read from a corpus's Arrow table at a time."""
+DOC_WINDOW = 8192
+"""Documents shuffled together (by content hash) before packing: the whole of a
+corpus this size or smaller, consecutive windows of a larger (streamed) one."""
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -66,22 +77,29 @@ def _local_dataset(kind: str, path: Path, **kwargs: Any):
                          f"({type(e).__name__}: {e})") from e
 
 
-def _column(ds, cfg: DataConfig, where: str) -> list[str]:
-    if cfg.text_field not in ds.column_names:
-        raise ValueError(f"data.text_field={cfg.text_field!r} is not valid for {where}; allowed: "
+def _column(ds, field: str, where: str) -> Iterator[Any]:
+    """The ``field`` values of a dataset, ``READ_BATCH`` rows at a time (checked now)."""
+    if field not in ds.column_names:
+        raise ValueError(f"data.text_field={field!r} is not valid for {where}; allowed: "
                          f"one of its columns {ds.column_names}")
-    return [t for t in ds[cfg.text_field] if isinstance(t, str)]
+
+    def rows() -> Iterator[Any]:
+        for batch in ds.select_columns([field]).iter(batch_size=READ_BATCH):
+            yield from batch[field]
+
+    return rows()
 
 
-def _file_texts(cfg: DataConfig, path: Path) -> list[str]:
+def _file_texts(cfg: DataConfig, path: Path) -> Iterator[Any]:
+    where = f"data.paths={str(path)!r}"
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _local_dataset("text", path, sample_by="paragraph")["text"]
+        return _column(_local_dataset("text", path, sample_by="paragraph"), "text", where)
     kind = "parquet" if suffix == ".parquet" else "json"
-    return _column(_local_dataset(kind, path), cfg, f"data.paths={str(path)!r}")
+    return _column(_local_dataset(kind, path), cfg.text_field, where)
 
 
-def _hub_texts(cfg: DataConfig) -> list[str]:
+def _hub_texts(cfg: DataConfig) -> Iterator[Any]:
     import datasets
 
     try:
@@ -92,25 +110,37 @@ def _hub_texts(cfg: DataConfig) -> list[str]:
             f"loaded from the Hugging Face hub ({type(e).__name__}: {e}); allowed: a dataset "
             "reachable from here or in the local datasets cache. Offline, use data.source=pydocs "
             "or data.source=files.") from e
-    return _column(ds, cfg, f"data.name={cfg.name!r}")
+    return _column(ds, cfg.text_field, f"data.name={cfg.name!r}")
+
+
+def iter_texts(cfg: DataConfig) -> Iterator[str]:
+    """The corpus as a stream of documents (stripped, at least ``min_chars`` long), in
+    source order. Every source is opened and checked (files, columns, hub names) before
+    this returns; the stream raises at its end if no document was long enough."""
+    if cfg.source == "pydocs":
+        sources = [_column(_local_dataset("json", pydocs.corpus_path()), "text", "pydocs")]
+    elif cfg.source == "files":
+        sources = [_file_texts(cfg, p) for p in _check_files(cfg)]
+    else:
+        sources = [_hub_texts(cfg)]
+
+    def stream() -> Iterator[str]:
+        kept = 0
+        for source in sources:
+            for t in source:
+                if isinstance(t, str) and len(t := t.strip()) >= cfg.min_chars:
+                    kept += 1
+                    yield t
+        if not kept:
+            raise ValueError(f"data.min_chars={cfg.min_chars} leaves no document in the corpus "
+                             f"(source={cfg.source!r}); allowed: a smaller value or more text")
+
+    return stream()
 
 
 def load_texts(cfg: DataConfig) -> list[str]:
-    """The corpus as a list of documents (stripped, at least ``min_chars`` long)."""
-    import datasets
-
-    if cfg.source == "pydocs":
-        texts = datasets.load_dataset("json", data_files=str(pydocs.corpus_path()), split="train",
-                                      cache_dir=str(cache_root() / "datasets"))["text"]
-    elif cfg.source == "files":
-        texts = [t for p in _check_files(cfg) for t in _file_texts(cfg, p)]
-    else:
-        texts = _hub_texts(cfg)
-    kept = [t.strip() for t in texts if len(t.strip()) >= cfg.min_chars]
-    if not kept:
-        raise ValueError(f"data.min_chars={cfg.min_chars} leaves no document in the corpus "
-                         f"(source={cfg.source!r}); allowed: a smaller value or more text")
-    return kept
+    """The corpus as a list of documents (``iter_texts``; for small corpora and examples)."""
+    return list(iter_texts(cfg))
 
 
 def _digest(obj: Any) -> str:
@@ -143,7 +173,7 @@ def texts_identity(texts: Sequence[str], min_chars: int = 0) -> str:
 
 @dataclass
 class Packed:
-    """Documents tokenized into fixed-length sequences."""
+    """Documents tokenized into fixed-length sequences (a whole corpus or one block of it)."""
 
     tokens: np.ndarray
     """int32 [n_seq, context_length]."""
@@ -160,34 +190,60 @@ class Packed:
         """int32 [n_tokens]: the document of every unmasked token, in corpus order."""
         return np.broadcast_to(self.doc_ids[:, None], self.mask.shape)[self.mask].astype(np.int32)
 
+    def doc_runs(self) -> np.ndarray:
+        """int64 [n, 2]: (document, unmasked tokens) of each run of consecutive sequences of
+        one document, in order: a document's rows are contiguous, so this is all a split needs."""
+        rows = self.mask.sum(axis=1)
+        starts = np.flatnonzero(np.r_[True, self.doc_ids[1:] != self.doc_ids[:-1]])
+        return np.stack([self.doc_ids[starts].astype(np.int64),
+                         np.add.reduceat(rows, starts).astype(np.int64)], axis=1)
+
+    @staticmethod
+    def concat(blocks: Iterable[Packed]) -> Packed:
+        """One ``Packed`` of consecutive blocks (``pack_blocks``' output)."""
+        blocks = list(blocks)
+        return Packed(*(np.concatenate([getattr(b, f) for b in blocks])
+                        for f in ("tokens", "mask", "doc_ids")))
+
 
 def _hf(tokenizer: Any) -> Any:
     """The Hugging Face tokenizer itself, or the one inside mlx_lm's TokenizerWrapper."""
     return tokenizer if callable(tokenizer) else tokenizer._tokenizer
 
 
-def _doc_order(texts: Sequence[str]) -> list[int]:
-    """A content-determined shuffle, so a token budget samples the whole corpus
-    rather than its first documents (and needs no RNG version guarantees)."""
-    keys = [hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts]
-    return sorted(range(len(texts)), key=lambda i: (keys[i], i))
+def _doc_order(texts: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(index, text) in a content-determined shuffle of each ``DOC_WINDOW`` documents, so a
+    token budget samples the whole of a corpus that size rather than its first documents
+    (and needs no RNG version guarantees), while a stream is held one window at a time."""
+    window: list[tuple[bytes, int, str]] = []
+
+    def flush() -> Iterator[tuple[int, str]]:
+        yield from ((i, t) for _, i, t in sorted(window))
+        window.clear()
+
+    for i, t in enumerate(texts):
+        window.append((hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), i, t))
+        if len(window) == DOC_WINDOW:
+            yield from flush()
+    yield from flush()
 
 
-def _pieces(hf: Any, texts: Sequence[str], body: int, batch_docs: int):
+def _pieces(hf: Any, texts: Iterable[str], body: int, batch_docs: int):
     """(doc index, up to ``body`` of its tokens), in ``_doc_order``, tokenized in batches."""
     order = _doc_order(texts)
-    for start in range(0, len(order), batch_docs):
-        ids = order[start:start + batch_docs]
-        encoded = hf([texts[i] for i in ids], add_special_tokens=False)["input_ids"]
-        for doc, toks in zip(ids, encoded):
+    while batch := list(itertools.islice(order, batch_docs)):
+        encoded = hf([t for _, t in batch], add_special_tokens=False)["input_ids"]
+        for (doc, _), toks in zip(batch, encoded, strict=True):
             toks = np.asarray(toks, dtype=np.int32)
             for s in range(0, len(toks), body):
                 yield doc, toks[s:s + body]
 
 
-def pack_documents(tokenizer: Any, texts: Sequence[str], context_length: int, max_tokens: int,
-                   batch_docs: int = 256) -> Packed:
-    """Tokenize documents (in a fixed shuffled order) into sequences of ``context_length``.
+def pack_blocks(tokenizer: Any, texts: Iterable[str], context_length: int, max_tokens: int,
+                block_sequences: int, batch_docs: int = 256) -> Iterator[Packed]:
+    """Tokenize a stream of documents (in ``_doc_order``) into sequences of
+    ``context_length``, yielded in blocks of ``block_sequences`` sequences (the last
+    block may be shorter); memory holds one block and one ``DOC_WINDOW``.
 
     Each sequence starts with BOS when the tokenizer has one (masked out), holds
     tokens of one document only, and is padded at the end (masked out).
@@ -202,10 +258,17 @@ def pack_documents(tokenizer: Any, texts: Sequence[str], context_length: int, ma
     pad = next((t for t in (getattr(hf, "pad_token_id", None), getattr(hf, "eos_token_id", None))
                 if t is not None), 0)
     offset = int(bos is not None)
+
+    def block(rows: list[np.ndarray], ends: list[int], docs: list[int]) -> Packed:
+        tokens = np.stack(rows)
+        mask = np.arange(context_length)[None, :] < np.asarray(ends)[:, None]
+        mask &= ~np.isin(tokens, special)
+        return Packed(tokens=tokens, mask=mask, doc_ids=np.asarray(docs, dtype=np.int32))
+
     rows: list[np.ndarray] = []
     ends: list[int] = []  # where each row's content ends (the pad id may be a real token)
     docs: list[int] = []
-    remaining = max_tokens
+    remaining, packed_any = max_tokens, False
     for doc, piece in _pieces(hf, texts, context_length - offset, batch_docs):
         keep = ~np.isin(piece, special)
         if keep.sum() > remaining:  # cut at the budget
@@ -221,14 +284,22 @@ def pack_documents(tokenizer: Any, texts: Sequence[str], context_length: int, ma
         ends.append(offset + len(piece))
         docs.append(doc)
         remaining -= int(keep.sum())
+        if len(rows) == block_sequences:
+            yield block(rows, ends, docs)
+            rows, ends, docs, packed_any = [], [], [], True
         if remaining == 0:
             break
-    if not rows:
+    if rows:
+        yield block(rows, ends, docs)
+    elif not packed_any:
         raise ValueError("the corpus has no tokens to pack (after removing special tokens)")
-    tokens = np.stack(rows)
-    mask = np.arange(context_length)[None, :] < np.asarray(ends)[:, None]
-    mask &= ~np.isin(tokens, special)
     if remaining:
         log.info("corpus exhausted: packed %d tokens of the %d requested", max_tokens - remaining,
                  max_tokens)
-    return Packed(tokens=tokens, mask=mask, doc_ids=np.asarray(docs, dtype=np.int32))
+
+
+def pack_documents(tokenizer: Any, texts: Iterable[str], context_length: int,
+                   max_tokens: int) -> Packed:
+    """``pack_blocks`` in one ``Packed`` (for corpora that fit in memory)."""
+    return Packed.concat(pack_blocks(tokenizer, texts, context_length, max_tokens,
+                                     block_sequences=4096))

@@ -295,8 +295,8 @@ def entry_docs(entry: Any, split: str, validation_split: float, seed: int) -> np
     """Document ids of an activation-cache entry: its held-out (``validation``) documents
     under the trial's split, or ``all`` of them."""
     if split == "all":
-        return np.unique(entry.doc_ids)
-    return np.unique(entry.doc_ids[entry.split(validation_split, seed)[1]])
+        return np.unique(entry.docs[:, 0])
+    return entry.split(validation_split, seed).val_docs
 
 
 def corpus_texts(data_cfg: Any, texts: list[str] | None) -> list[str]:

@@ -23,7 +23,7 @@ from hydra.core.override_parser.types import Override, Transformer
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from saelab.config import trial_from_dict
+from saelab.config import TrialConfig, canonical_component, trial_from_dict
 from saelab.models import model_info
 from saelab.trial import validate_trial
 
@@ -160,25 +160,41 @@ def validate_search_space(task: dict, space: SearchSpace, groups: Sequence[str] 
     return len(points)
 
 
-def capture_pairs(task: dict, space: SearchSpace, n_trials: int) -> list[tuple[int, str]]:
-    """The (layer, component) activations a layer/component scan will need, to
-    capture in one forward pass before the trials; empty when trials should
-    capture their own (no such scan, a swept model/data/cache, or more pairs
-    than trials, where most would go unused)."""
-    def values(key: str) -> list:
+def capture_pairs(task: dict, space: SearchSpace
+                  ) -> list[tuple[TrialConfig, list[tuple[int, str]]]]:
+    """Every activation the study can need, to capture before its first trial: per
+    (model, data, cache_dir) setting the space can produce, that setting's trial config
+    and all the (layer, component) pairs the space can produce (one forward pass to the
+    deepest fills them all). Swept ``model.*``/``data.*``/``cache_dir`` keys are
+    enumerated when discrete (choices, integer ranges); empty when one is continuous, a
+    ``model``/``data`` group is swept, or the cache directory is a per-job interpolation:
+    trials then capture their own (still resumable, and shared through the cache's locks)."""
+    def values(key: str) -> list | None:
         d = space.distributions.get(key)
+        if key in ("model", "data"):  # a config-group choice: only Hydra composes it
+            return None
         if d is None:
-            return [task[key]]
+            return [OmegaConf.select(OmegaConf.create(task), key)]
         if isinstance(d, CategoricalDistribution):
             return list(d.choices)
-        return list(range(d.low, d.high + 1, d.step)) if isinstance(d.low, int) else []
+        if isinstance(d, IntDistribution) and not d.log:
+            return list(range(d.low, d.high + 1, d.step))
+        return None
 
-    keys = set(space.distributions)
-    if not keys & {"layer", "component"} or "${" in str(task.get("cache_dir")) or any(
-            k.split(".")[0] in ("model", "data", "cache_dir") for k in keys):
+    setting = [k for k in space.distributions if k.split(".")[0] in ("model", "data", "cache_dir")]
+    layers, comps = values("layer"), values("component")
+    options = [values(k) for k in setting]
+    if "${" in str(task.get("cache_dir")) or layers is None or comps is None or None in options:
         return []
-    pairs = [(int(layer), str(comp)) for layer in values("layer") for comp in values("component")]
-    return pairs if 1 < len(pairs) <= n_trials else []
+    plan = []
+    for point in itertools.product(*options):
+        d = copy.deepcopy(task)
+        for k, v in zip(setting, point, strict=True):
+            _set(d, k, v)
+        pairs = sorted({(int(layer), canonical_component(str(comp)))
+                        for layer in layers for comp in comps})
+        plan.append((trial_from_dict(d), pairs))
+    return plan
 
 
 def format_value(v: Any) -> str:

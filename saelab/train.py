@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
 from tqdm.auto import tqdm
 
+from saelab.batches import TrainRows, as_rows
 from saelab.config import SAEConfig
 from saelab.sae import SAE, decode_codes, pre_activations, topk_codes
 from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
@@ -96,22 +97,6 @@ def lr_schedule(cfg: SAEConfig, total_steps: int) -> np.ndarray:
     return cfg.learning_rate * np.where(s < warmup, warm, decay)
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
-    """Sorted row indices of each batch: consecutive slices of per-epoch shuffles."""
-    epoch, perm, pos = 0, np.random.default_rng([seed, 0]).permutation(n), 0
-    for _ in range(steps):
-        parts, need = [], batch_size
-        while need:
-            take = perm[pos:pos + need]
-            parts.append(take)
-            need -= len(take)
-            pos += len(take)
-            if pos == n:
-                epoch += 1
-                perm, pos = np.random.default_rng([seed, epoch]).permutation(n), 0
-        yield np.sort(np.concatenate(parts))  # sorted: memmap locality
-
-
 def geometric_median(x: np.ndarray, iters: int = 100, tol: float = 1e-7) -> np.ndarray:
     """Weiszfeld's algorithm in float64."""
     y = x.mean(axis=0)
@@ -124,12 +109,11 @@ def geometric_median(x: np.ndarray, iters: int = 100, tol: float = 1e-7) -> np.n
     return y
 
 
-def init_sae(train: np.ndarray, cfg: SAEConfig, metadata: dict) -> SAE:
-    """A fresh SAE with input scale and b_dec estimated from a seeded data sample."""
-    n, d = train.shape
-    rng = np.random.default_rng([cfg.seed, 1])
-    rows = np.sort(rng.choice(n, size=min(n, STAT_SAMPLE), replace=False))
-    sample = np.asarray(train[rows], dtype=np.float64)
+def init_sae(sample: np.ndarray, cfg: SAEConfig, metadata: dict) -> SAE:
+    """A fresh SAE with input scale and b_dec estimated from ``sample``, a seeded sample
+    of the training rows (``TrainRows.sample``)."""
+    d = sample.shape[1]
+    sample = np.asarray(sample, dtype=np.float64)
     if not np.isfinite(sample).all():
         raise ValueError("train contains non-finite values (NaN/inf); allowed: finite activations")
     sae = SAE(d, cfg.expansion_factor * d, cfg.k, normalize_input=cfg.normalize_input,
@@ -207,19 +191,21 @@ def _check_inputs(train: np.ndarray, val: np.ndarray, cfg: SAEConfig) -> None:
     cfg.check_dims(train.shape[1])
 
 
-def train_sae_on_arrays(train: np.ndarray, val: np.ndarray, cfg: SAEConfig, *,
+def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAEConfig, *,
                         metadata: dict, callbacks: Sequence[Callback] = (),
                         progress: bool = True) -> tuple[SAE, dict]:
-    """Train an SAE on ``train`` [N, d] (may be a memmap), validate on ``val``.
+    """Train an SAE on ``train`` [N, d] (an array, or ``saelab.batches.EntryRows``: a
+    cache entry read out of core), validate on ``val`` (in RAM).
 
     Returns the SAE (metadata filled in: training tokens, steps, final
     metrics, config) and the final metrics."""
+    train = as_rows(train)
     _check_inputs(train, val, cfg)
     n, d = train.shape
     total = math.ceil((cfg.train_tokens or cfg.num_epochs * n) / cfg.batch_size)
     eval_every = cfg.eval_every or max(1, math.ceil(total / 8))
     lrs = lr_schedule(cfg, total)
-    sae = init_sae(train, cfg, metadata)
+    sae = init_sae(train.sample(STAT_SAMPLE, np.random.default_rng([cfg.seed, 1])), cfg, metadata)
     scale = float(sae.input_scale.item())
     validate = _Validator(val, scale)
     consts = StepConsts.from_config(cfg, d, sae.d_hidden)
@@ -239,8 +225,8 @@ def train_sae_on_arrays(train: np.ndarray, val: np.ndarray, cfg: SAEConfig, *,
     bar = tqdm(total=total, desc="Training", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        batches = _batches(n, cfg.batch_size, total, cfg.seed)
-        x = mx.array(np.asarray(train[next(batches)], dtype=np.float32)) * scale
+        batches = train.batches(cfg.batch_size, cfg.seed)
+        x = mx.array(next(batches)) * scale
         for step in range(total):
             lr, t = mx.array(lrs[step], mx.float32), mx.array(step + 1, mx.float32)
             if fast is not None:
@@ -249,7 +235,7 @@ def train_sae_on_arrays(train: np.ndarray, val: np.ndarray, cfg: SAEConfig, *,
                 state, out = reference_step(state, x, lr, t, num_dead, consts)
             mx.async_eval(state, out)
             if step + 1 < total:  # gather the next batch while the step runs
-                x = mx.array(np.asarray(train[next(batches)], dtype=np.float32)) * scale
+                x = mx.array(next(batches)) * scale
             got = StepMetrics.read(out)
             if not all(math.isfinite(v) for v in got):
                 raise TrainingDiverged(

@@ -74,6 +74,7 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
 
     ``texts`` replaces the configured corpus and ``model`` is an already loaded
     InterpretableModel (both for the guide's ``model.train_sae``)."""
+    from saelab.batches import EntryRows
     from saelab.cache import ensure_activations
     from saelab.train import train_sae_on_arrays
 
@@ -85,7 +86,9 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
     entry = ensure_activations(cfg.model, cfg.data, [(cfg.layer, cfg.component)],
                                root=cfg.cache_dir, texts=texts,
                                model=model)[(cfg.layer, cfg.component)]
-    train, val = entry.arrays(cfg.sae.validation_split, cfg.data.split_seed)
+    split = entry.split(cfg.sae.validation_split, cfg.data.split_seed)
+    train = EntryRows(entry, split.train, cfg.data.shuffle_buffer_tokens)  # out of core
+    val = entry.validation(split, cfg.data.max_val_tokens)
     t_data = time.perf_counter()
 
     metadata = {

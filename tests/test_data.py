@@ -190,3 +190,52 @@ def test_packing_without_bos():
 def test_bad_context_length(tokenizer):
     with pytest.raises(ValueError, match=r"data\.context_length=1"):
         data.pack_documents(tokenizer, ["some text here"], context_length=1, max_tokens=10)
+
+
+def test_iter_texts_streams_and_checks_sources_up_front(tmp_path, pydocs_texts):
+    stream = data.iter_texts(DataConfig())
+    assert not isinstance(stream, list) and next(stream) == pydocs_texts[0]
+    assert list(stream) == pydocs_texts[1:]
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(os.urandom(256))
+    good = _txt(tmp_path / "good.txt", ["A paragraph long enough to be kept as one document here."])
+    with pytest.raises(ValueError, match=r"data\.paths=.*broken\.parquet"):  # before any text
+        data.iter_texts(DataConfig(source="files", paths=[good, str(broken)]))
+    short = data.iter_texts(DataConfig(source="files", paths=[good], min_chars=1000))
+    with pytest.raises(ValueError, match=r"data\.min_chars=1000"):  # at the end of the stream
+        list(short)
+
+
+def test_pack_blocks_stream_in_blocks_equal_to_one_pack(tokenizer, pydocs_texts, monkeypatch):
+    monkeypatch.setattr(data, "DOC_WINDOW", 64)  # a stream is held one window at a time
+    whole = data.pack_documents(tokenizer, pydocs_texts, context_length=64, max_tokens=5000)
+    consumed = []
+
+    def stream():  # a one-pass stream that fails if read much past what the budget needs
+        for i, t in enumerate(pydocs_texts):
+            if i >= 300:
+                raise AssertionError("read past the budget")
+            consumed.append(i)
+            yield t
+
+    blocks = list(data.pack_blocks(tokenizer, stream(), 64, 5000, block_sequences=16))
+    assert [len(b.tokens) for b in blocks[:-1]] == [16] * (len(blocks) - 1)
+    assert 0 < len(blocks[-1].tokens) <= 16 and len(consumed) < 300
+    joined = data.Packed.concat(blocks)
+    for f in ("tokens", "mask", "doc_ids"):
+        assert np.array_equal(getattr(joined, f), getattr(whole, f))
+    runs = np.concatenate([b.doc_runs() for b in blocks])
+    assert runs[:, 1].sum() == whole.n_tokens == 5000
+    per_token = np.repeat(runs[:, 0], runs[:, 1])
+    assert np.array_equal(per_token, whole.token_doc_ids())
+
+
+def test_document_order_is_a_content_shuffle_per_window(tokenizer, monkeypatch):
+    texts = [f"Document number {i} with a few words of its own." for i in range(10)]
+    order = [i for i, _ in data._doc_order(texts)]
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    monkeypatch.setattr(data, "DOC_WINDOW", 4)
+    windowed = [i for i, _ in data._doc_order(texts)]
+    assert [sorted(windowed[a:a + 4]) for a in (0, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sorted(windowed[8:]) == [8, 9]
+    assert [i for i, _ in data._doc_order(iter(texts))] == windowed  # a stream: the same order

@@ -85,7 +85,8 @@ def raw_activations(config: dict, env: dict, n: int = 256) -> np.ndarray:
     cfg = trial_from_dict(config)
     entry = ensure_activations(cfg.model, cfg.data, [(cfg.layer, cfg.component)],
                                root=env["SAELAB_ACT_CACHE"])[(cfg.layer, cfg.component)]
-    return np.asarray(entry.arrays(cfg.sae.validation_split, cfg.data.split_seed)[1][:n], np.float32)
+    split = entry.split(cfg.sae.validation_split, cfg.data.split_seed)
+    return entry.validation(split, cfg.data.max_val_tokens)[:n]
 
 
 def test_pareto_export_writes_everything_and_reruns(smoke, tmp_path, capsys):

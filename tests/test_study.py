@@ -88,17 +88,23 @@ def test_valid_space_checks_every_corner():
     assert validate_search_space(base_task(), space, groups=["model"]) == 3 * 2 * 2
 
 
-def test_capture_pairs_of_a_scan():
+def test_capture_pairs_cover_every_key_of_the_study():
     task = base_task()  # layer 10, mlp
     scan = parse_search_space({"layer": "range(2, 7, 2)", "component": "choice(mlp, output)"}, [])
-    assert capture_pairs(task, scan, n_trials=6) == [(2, "mlp"), (2, "output"), (4, "mlp"),
-                                                     (4, "output"), (6, "mlp"), (6, "output")]
-    assert capture_pairs(task, scan, n_trials=4) == []  # TPE over more pairs than trials
+    ((cfg, pairs),) = capture_pairs(task, scan)
+    assert pairs == [(layer, comp) for layer in (2, 4, 6) for comp in ("mlp", "output")]
+    assert cfg.data.max_tokens == task["data"]["max_tokens"]
     layers = parse_search_space({"layer": "choice(3, 5)", "sae.k": "choice(16, 32)"}, [])
-    assert capture_pairs(task, layers, n_trials=4) == [(3, "mlp"), (5, "mlp")]
-    for params in ({"sae.k": "choice(16, 32)"},
-                   {"layer": "choice(3, 5)", "data.max_tokens": "choice(1000, 2000)"}):
-        assert capture_pairs(task, parse_search_space(params, []), n_trials=8) == []
+    assert [p for _, p in capture_pairs(task, layers)] == [[(3, "mlp"), (5, "mlp")]]
+    only_k = parse_search_space({"sae.k": "choice(16, 32)"}, [])
+    assert [p for _, p in capture_pairs(task, only_k)] == [[(10, "mlp")]]  # not swept: still first
+    budgets = parse_search_space({"layer": "choice(3, 5)", "data.max_tokens": "choice(1000, 2000)",
+                                  "component": "choice(resid)"}, [])
+    plan = capture_pairs(task, budgets)
+    assert [(c.data.max_tokens, p) for c, p in plan] == [(1000, [(3, "output"), (5, "output")]),
+                                                        (2000, [(3, "output"), (5, "output")])]
+    for params in ({"data.max_tokens": "interval(1000, 2000.5)"}, {"model": "choice(a, b)"}):
+        assert capture_pairs(task, parse_search_space(params, [])) == []  # trials capture their own
 
 
 # ---------------------------------------------------------------- storage & study

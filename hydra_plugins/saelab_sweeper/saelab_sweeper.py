@@ -4,9 +4,10 @@ in worker processes with ``hydra/launcher=joblib``, on SLURM with submitit.
 
 This is the Hydra adapter only: the search space (``study.params`` plus the
 command line's sweep overrides) is ``saelab.search_space``'s, the study and its
-records ``saelab.study``'s, storages and workers ``saelab.storage``'s. A
-layer/component scan captures all the activations it needs in one forward
-pass before the first trial. ``study.n_jobs`` > 1 starts that many worker
+records ``saelab.study``'s, storages and workers ``saelab.storage``'s. Every
+activation the study can need (each (layer, component) the space can produce, per
+model/data setting) is captured before the first trial, one forward pass per
+setting. ``study.n_jobs`` > 1 starts that many worker
 processes in all (this one included) that share the study; any shell or
 machine can add workers by running the same command (``study.n_jobs=1`` adds
 exactly one). Workers stop asking once finished + running trials reach
@@ -161,14 +162,16 @@ class SaelabSweeper(Sweeper):
         worker = int(os.environ.get(WORKER_ENV, "0"))
         study = st.open_study(scfg)
         study.sampler = st.make_sampler(scfg, grid, seed_offset=7919 * worker + len(study.trials))
-        pairs = capture_pairs(task, space, n_trials)
-        if pairs:  # one forward pass for the whole scan (the cache's locks make workers share it)
+        plan = capture_pairs(task, space)
+        if plan:  # before any trial: a death while capturing is never a trial's failure
             from saelab.cache import ensure_activations
-            from saelab.config import trial_from_dict
 
-            cfg = trial_from_dict(task)
-            log.info("capturing %d (layer, component) pairs in one pass", len(pairs))
-            ensure_activations(cfg.model, cfg.data, pairs, root=cfg.cache_dir)
+            for cfg, pairs in plan:  # other workers wait on the cache's locks, then reuse it
+                log.info("capturing %d (layer, component) pairs in one pass", len(pairs))
+                ensure_activations(cfg.model, cfg.data, pairs, root=cfg.cache_dir)
+        else:
+            log.info("no capture before the trials (a continuous or group-swept model/data key, "
+                     "or a per-job cache_dir): each trial captures its own")
         procs = spawn_workers(scfg.n_jobs - 1, sweep_dir) if worker == 0 and scfg.n_jobs > 1 else []
         try:
             self._loop(study, scfg, space, n_trials, sg.ask_lock(study))

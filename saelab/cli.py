@@ -124,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         from saelab.trial import hydra_task
 
         if not any(a.split("=", 1)[0].lstrip("+") in ("sweep", "hydra/sweeper") for a in rest):
-            print("saelab sweep: sweep=NAME is missing; allowed: sweep=NAME with NAME.yaml in "
-                  "./sweeps/ or saelab's own (smoke, quick, layers, k_expansion)", file=sys.stderr)
+            from saelab.configs import sweep_dirs
+
+            names = sorted({f.stem for d in sweep_dirs() for f in d.glob("*.yaml")})
+            print(f"saelab sweep: sweep=NAME is missing; allowed: sweep=NAME, NAME one of "
+                  f"{', '.join(names)} (./sweeps/ and saelab's own)", file=sys.stderr)
             return 2
         return _run_hydra(cmd, ["--multirun", *rest], hydra_task)
     if cmd == "prepare":

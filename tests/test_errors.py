@@ -45,9 +45,8 @@ CASES = [
     (["train", "--cfg", "everything"], "argument --cfg/-c: invalid choice: 'everything'"),
     (["prepare", "data.max_tokens=0"], "saelab prepare: data.max_tokens=0 is not valid; allowed: "),
     # sweep: the sweep file, the search space (every corner), the storage
-    (["sweep"], "saelab sweep: sweep=NAME is missing; allowed: "),
-    (["sweep", "sweep=nope"], "sweep=nope is not valid: no such config; allowed: k_expansion, "
-                              "layers, quick, smoke"),
+    (["sweep"], "saelab sweep: sweep=NAME is missing; allowed: sweep=NAME, NAME one of "),
+    (["sweep", "sweep=nope"], "sweep=nope is not valid: no such config; allowed: "),
     (["sweep", "sweep=smoke", "study.sampler=bogus"], "study.sampler='bogus' is not valid; allowed: "
                                                       "tpe, nsga2"),
     (["sweep", "sweep=smoke", "study.n_jobs=0"], "study.n_jobs=0 is not valid; allowed: an integer"),

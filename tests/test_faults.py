@@ -415,7 +415,7 @@ def _address_space_limit():
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, cache):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    # NaN (lr 1e30) and out of memory (74 GiB of weights and Adam state), beside good trials
+    # NaN (lr 1e30) and out of memory (48 GiB of weights and Adam state), beside good trials
     sweep(tmp_path, cache["root"], "bad", storage, "study.sampler=grid", "study.n_trials=4",
           "sae.k=16", "sae.learning_rate=1e30,1e-3", "sae.expansion_factor=1,4000",
           preexec=_address_space_limit)

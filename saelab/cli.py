@@ -1,4 +1,5 @@
-"""The ``saelab`` command: doctor, prepare, train, sweep, trials, export, dashboard."""
+"""The ``saelab`` command: doctor, prepare, train, sweep, trials, export, dashboard, eval,
+features."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ commands:
   trials STUDY           table of a study's trials with the Pareto set marked
   export STUDY           Pareto/best trials -> configs, weights, SAELens format, report.html
   dashboard STUDY        serve the study with optuna-dashboard on 127.0.0.1
+  eval SAE_PATH [data overrides] [--out FILE]
+                         reconstruction and downstream (LM loss, KL) metrics of a saved SAE
+  features SAE_PATH      browse an SAE's features on a local web page (127.0.0.1)
 """
 
 
@@ -145,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         from saelab.trials import dashboard_main
 
         return dashboard_main(rest)
+    if cmd == "eval":
+        from saelab.evaluate import eval_main
+
+        return eval_main(rest)
+    if cmd == "features":
+        from saelab.features_app import features_main
+
+        return features_main(rest)
     print(f"saelab: command {cmd!r} is not valid; allowed: doctor, prepare, train, sweep, trials, "
           "export, dashboard (saelab --help)", file=sys.stderr)
     return 2

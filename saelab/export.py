@@ -11,7 +11,10 @@ trials under a rule (``saelab.selection``), and writes into ``outputs/<study>/ex
 - ``trial_<n>/sae.mlx``: the trained SAE (``SAE.load`` / ``model.load_sae``);
 - ``saelens/trial_<n>/`` (``--saelens``): ``cfg.json`` + ``sae_weights.safetensors``
   for ``sae_lens.SAE.load_from_disk``;
-- ``summary.json``, ``summary.md`` and ``report.html``.
+- ``summary.json``, ``summary.md`` and ``report.html``;
+- with ``--eval-data "OVERRIDES"``: every exported SAE's reconstruction and downstream
+  metrics on that corpus (``saelab.evaluate``; e.g. ``"data=files data.paths=[a.txt]"``,
+  or ``""`` for the SAEs' training corpus), in the summary.
 
 The export is built in a temporary sibling directory and renamed over the
 target, so a failing export leaves nothing behind and an earlier one intact.
@@ -89,6 +92,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         cells = [str(r["number"]), *(fmt_value(r["params"].get(p)) for p in params),
                  *(fmt_value(r["metrics"].get(m)) for m in metrics), f"`{r['config']}`", f"`{r['sae']}`"]
         lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("eval_data") is not None:
+        from saelab.evaluate import METRIC_ORDER
+        from saelab.evals import DOWNSTREAM_METRICS
+
+        names = [m for m in (*METRIC_ORDER, *DOWNSTREAM_METRICS, "eval/tokens")
+                 if any(m in r["eval"] for r in rows)]
+        lines += ["", f"## Evaluation on `{summary['eval_data'] or 'the training corpus'}`", "",
+                  "| trial | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        lines += ["| " + " | ".join([str(r["number"]), *(fmt_value(r["eval"].get(m))
+                                                           for m in names)]) + " |" for r in rows]
     lines += ["", "Re-run a trial: `saelab train --config-path <this dir> --config-name trial_<n>`."]
     if summary["wandb_sync"]:
         lines += ["", f"Upload the offline W&B runs: `{summary['wandb_sync']}`"]
@@ -110,8 +123,9 @@ def default_export_dir(study_name: str) -> Path:
 
 def export_study(study: optuna.Study, out: str | os.PathLike, trials: Sequence[FrozenTrial], *,
                  selection: str = "", saelens: bool = False, storage_url: str = "",
-                 report: bool = True) -> dict[str, Any]:
-    """Write the export of ``trials`` to ``out`` atomically; returns the summary dict."""
+                 report: bool = True, eval_data: Optional[str] = None) -> dict[str, Any]:
+    """Write the export of ``trials`` to ``out`` atomically; returns the summary dict.
+    ``eval_data``: data overrides to evaluate every exported SAE on (see the module doc)."""
     out = Path(out).resolve()
     for t in trials:  # everything checkable is checked before anything is written
         sae = t.user_attrs.get("sae_path")
@@ -136,6 +150,11 @@ def export_study(study: optuna.Study, out: str | os.PathLike, trials: Sequence[F
                     "source_sae_path": t.user_attrs["sae_path"], "run_dir": t.user_attrs.get("run_dir"),
                     "wandb_run_dir": t.user_attrs.get("wandb_run_dir"),
                 })
+                if eval_data is not None:
+                    from saelab.evaluate import evaluate_path
+
+                    exported[-1]["eval"] = evaluate_path(tmp / name / "sae.mlx",
+                                                         shlex.split(eval_data))["metrics"]
             all_trials = study.get_trials(deepcopy=False)
             summary = {
                 "study": study.study_name, "storage": storage_url, "objectives": objectives_of(study),
@@ -144,7 +163,7 @@ def export_study(study: optuna.Study, out: str | os.PathLike, trials: Sequence[F
                 "n_trials": len(all_trials),
                 "n_complete": sum(t.state == TrialState.COMPLETE for t in all_trials),
                 "exported": exported, "wandb_sync": wandb_sync_command(study),
-                "report": "report.html" if report else None,
+                "report": "report.html" if report else None, "eval_data": eval_data,
             }
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             (tmp / "summary.md").write_text(summary_markdown(summary))
@@ -175,14 +194,17 @@ def export_main(argv: Sequence[str]) -> int:
                    f"{DEFAULT_TOP}); with --rule: the best N under it (default 1)")
     p.add_argument("--rule", help="export the best trial(s) under this rule instead")
     p.add_argument("--saelens", action="store_true", help="also write SAELens-format SAEs")
+    p.add_argument("--eval-data", metavar="OVERRIDES", nargs="?", const="",
+                   help="evaluate each exported SAE on this corpus, e.g. \"data=files "
+                        "data.paths=[a.txt]\" (alone: the SAEs' training corpus)")
     args = p.parse_args(list(argv))
     try:
         study = load_existing_study(args.study, args.storage)
         trials, selection = select_trials(study, args.top, args.rule)
         out = Path(args.out) if args.out else default_export_dir(args.study)
         summary = export_study(study, out, trials, selection=selection, saelens=args.saelens,
-                               storage_url=args.storage)
-    except ValueError as e:
+                               storage_url=args.storage, eval_data=args.eval_data)
+    except (ValueError, FileNotFoundError) as e:
         print(f"saelab export: {e}", file=sys.stderr)
         return 2
     out = out.resolve()

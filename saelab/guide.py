@@ -6,38 +6,26 @@
     with model.trace("The capital of France is") as trace:
         pass
     features = sae.encode(trace.activations["model.layers.10.mlp"])
+    text = model.generate("The weather today", max_tokens=20, steer=[(sae, 1234, 8.0)])
 
 Training goes through ``saelab.trial.run_trial`` like every other entry point, with
 this already loaded model and the given texts in place of the configured corpus.
+The SAE's Phase 2 methods (``analyze_text``, ``steer``, ...) live in ``saelab.analysis``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from saelab.analysis import check_model, dataset_texts, remember_path, steering_edit
 from saelab.config import DataConfig, SAEConfig, TrialConfig
 from saelab.paths import outputs_root
 from saelab.sae import SAE
-from saelab.trace import TracedModel
+from saelab.trace import TracedModel, activation_name
 from saelab.trial import run_trial
-
-
-def _texts(dataset: Any) -> list[str]:
-    """The documents of ``dataset``: a list of strings or a ``datasets`` dataset with ``text``."""
-    allowed = "allowed: a non-empty list of strings or a datasets dataset with a 'text' column"
-    if hasattr(dataset, "column_names"):  # a datasets.Dataset
-        if "text" not in dataset.column_names:
-            raise ValueError(f"dataset has columns {dataset.column_names} and no 'text'; {allowed}")
-        dataset = dataset["text"]
-    if isinstance(dataset, str) or not hasattr(dataset, "__len__"):
-        raise ValueError(f"dataset={type(dataset).__name__} is not valid; {allowed}")
-    texts = [t for t in dataset if isinstance(t, str)]
-    if not texts or len(texts) != len(dataset):
-        raise ValueError(f"dataset with {len(dataset)} items ({len(texts)} strings) is not valid; "
-                         f"{allowed}")
-    return texts
 
 
 class InterpretableModel(TracedModel):
@@ -56,7 +44,7 @@ class InterpretableModel(TracedModel):
         and component skips the capture. The run's metrics and SAE are written under
         ``<outputs>/runs/``; ``save_path`` puts the SAE elsewhere.
         """
-        texts = _texts(dataset)
+        texts = dataset_texts(dataset)
         cfg = TrialConfig(
             model=self.config, layer=layer, component=component,
             # min_chars=1: the caller chose these texts; only empty strings are dropped
@@ -66,9 +54,38 @@ class InterpretableModel(TracedModel):
         )
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
         out = outputs_root() / "runs" / f"{stamp}-train_sae-l{layer}-{cfg.component}"
-        return run_trial(cfg, callbacks, output_dir=out, sae_path=save_path, texts=texts,
-                         model=self).sae
+        result = run_trial(cfg, callbacks, output_dir=out, sae_path=save_path, texts=texts,
+                           model=self)
+        return remember_path(result.sae, result.sae_path)
 
     def load_sae(self, path: str | Path) -> SAE:
         """Load an SAE saved by ``sae.save(path)`` / ``train_sae(save_path=...)``."""
-        return SAE.load(path)
+        return remember_path(SAE.load(path), path)
+
+    def generate(self, prompt: str, max_tokens: int = 64,
+                 steer: Sequence[tuple[SAE, int, float]] = (), temperature: float = 0.0) -> str:
+        """Continue ``prompt`` (greedy unless ``temperature`` > 0), with each
+        ``(sae, feature_idx, strength)`` of ``steer`` added at the SAE's layer and
+        component on every position, prompt and new tokens alike (see ``sae.steer``)."""
+        import mlx_lm
+        from mlx_lm.sample_utils import make_sampler
+
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens!r} is not valid; allowed: an integer >= 1")
+        ids = self.tokenize(prompt, arg="prompt")[0]
+        limit = self.context_length
+        if limit is not None and ids.shape[1] + max_tokens > limit:
+            raise ValueError(f"max_tokens={max_tokens} is not valid for a {ids.shape[1]}-token "
+                             f"prompt; allowed: at most {limit - ids.shape[1]} (context {limit})")
+        edits: dict[str, list] = {}
+        for item in steer:
+            if not (isinstance(item, tuple) and len(item) == 3):
+                raise ValueError(f"steer item {item!r} is not valid; allowed: (sae, "
+                                 "feature_idx, strength)")
+            sae, feature, strength = item
+            layer, comp = check_model(sae, self)
+            edits.setdefault(activation_name(layer, comp), []).append(
+                steering_edit(sae, feature, strength))
+        with self.intervening(edits):
+            return mlx_lm.generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens,
+                                   sampler=make_sampler(temp=temperature))

@@ -21,8 +21,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import optuna
 import plotly.graph_objects as go
@@ -54,7 +55,7 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def _metric(t: FrozenTrial, name: str) -> Optional[float]:
+def _metric(t: FrozenTrial, name: str) -> float | None:
     v = t.user_attrs.get("metrics", {}).get(name)
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
@@ -142,7 +143,7 @@ def _pareto(study: optuna.Study, trials: list[FrozenTrial], exported: set[int]) 
     return fig
 
 
-def _importances(study: optuna.Study, trials: list[FrozenTrial]) -> tuple[Optional[go.Figure], str]:
+def _importances(study: optuna.Study, trials: list[FrozenTrial]) -> tuple[go.Figure | None, str]:
     varied = [p for p in {p for t in trials for p in t.params}
               if len({repr(t.params.get(p)) for t in trials}) > 1]
     if len(trials) < 2 or not varied:
@@ -165,7 +166,7 @@ def _importances(study: optuna.Study, trials: list[FrozenTrial]) -> tuple[Option
     return fig, ""
 
 
-def _curves(trials: Sequence[FrozenTrial]) -> Optional[go.Figure]:
+def _curves(trials: Sequence[FrozenTrial]) -> go.Figure | None:
     if not any(t.user_attrs.get("history") for t in trials):
         return None
     fig = make_subplots(rows=1, cols=2, subplot_titles=(NMSE, DEAD), horizontal_spacing=0.1)
@@ -321,7 +322,7 @@ def render_report(study: optuna.Study, trials: Sequence[FrozenTrial]) -> str:
 
 
 def write_report(study: optuna.Study, out_path: str | os.PathLike,
-                 trials: Optional[Sequence[FrozenTrial]] = None) -> Path:
+                 trials: Sequence[FrozenTrial] | None = None) -> Path:
     """Write ``report.html`` atomically. ``trials`` default to what ``saelab export``
     would pick (the Pareto set, or the top trials of a single-objective study)."""
     if trials is None:

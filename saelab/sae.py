@@ -292,3 +292,49 @@ class SAE(nn.Module):
         sae.load_weights(str(weights_file), strict=True)
         mx.eval(sae.parameters())
         return sae
+
+    # -- the guide's Phase 2 (implemented in saelab.analysis / saelab.evaluate, imported
+    # -- lazily: this module stays free of models and traces) ---------------------------
+    def analyze_text(self, model: Any, prompt: str, top_k: int = 10) -> list:
+        """Per token of ``prompt``: (token, [(feature, activation), ...]), strongest first."""
+        from saelab.analysis import analyze_text
+
+        return analyze_text(self, model, prompt, top_k)
+
+    def get_top_activating_texts(self, feature_idx: int, dataset: Any = None, top_k: int = 20,
+                                 model: Any = None) -> list:
+        """The contexts of ``dataset`` (texts; None: the training corpus) where the feature
+        fires most, the token marked ``[[...]]``; every feature's list is computed in one
+        pass and saved beside the SAE."""
+        from saelab.analysis import top_activating_texts
+
+        return top_activating_texts(self, feature_idx, dataset, top_k, model)
+
+    def visualize_feature(self, feature_idx: int, model: Any = None, dataset: Any = None,
+                          top_k: int = 10, html_path: str | os.PathLike | None = None):
+        """A plotly figure: activation histogram, top contexts, logit effect (HTML too)."""
+        from saelab.analysis import visualize_feature
+
+        return visualize_feature(self, feature_idx, model, dataset, top_k, html_path)
+
+    def launch_dashboard(self, model: Any = None, dataset: Any = None, host: str = "127.0.0.1",
+                         port: int = 8050, block: bool = True, max_tokens: int | None = None):
+        """Browse every feature on a local web page (``block=False``: a running server)."""
+        from saelab.features_app import launch
+
+        return launch(self, model, dataset, host=host, port=port, block=block,
+                      max_tokens=max_tokens)
+
+    def steer(self, model: Any, layer: int, feature_idx: int, strength: float) -> None:
+        """Inside ``with model.trace(prompt):``, add ``strength`` (code units) times the
+        feature's decoder direction to the component's output at every position."""
+        from saelab.analysis import steer
+
+        steer(self, model, layer, feature_idx, strength)
+
+    def evaluate(self, model: Any = None, dataset: Any = None, **options: Any) -> dict:
+        """Reconstruction and downstream metrics on ``dataset`` (texts, a DataConfig, or
+        None: the held-out documents of the training corpus); see saelab.evaluate."""
+        from saelab.evaluate import evaluate
+
+        return evaluate(self, model, dataset, **options)

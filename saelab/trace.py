@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Union
+from typing import Any
 
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
@@ -41,7 +41,7 @@ import numpy as np
 from saelab.config import COMPONENT_ALIASES, COMPONENTS, ModelConfig, canonical_component
 from saelab.models import DEFAULT_MODEL, load_model
 
-Inputs = Union[str, Sequence[str], mx.array, np.ndarray]
+Inputs = str | Sequence[str] | mx.array | np.ndarray
 Key = tuple[int, str]
 Edit = Callable[[mx.array], mx.array]
 """An intervention: a component's output [batch, seq, d_model] -> its replacement."""

@@ -20,7 +20,9 @@ saelab, as ``train.py`` does it: the compiled fast step (weight-gradient form fr
 is dead, so neither runs an AuxK pass. Same shapes, float32, Adam, one process per
 side using both cores (``torch.set_num_threads(2)``; MLX: BLAS threads plus two CPU
 streams), the same batches (numpy's generator, seeded per batch). tokens/s per side is
-batch / the median over reps of seconds per step; ``ratio`` is saelab / sparsify.
+batch / the median over reps of seconds per step; ``ratio`` is saelab / sparsify;
+``cpu_ms_per_step`` is each process's user + system CPU time per step (all threads), a
+view less sensitive to machine load than wall time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,10 +41,18 @@ from pathlib import Path
 TORCH = "2.13.0"
 SPARSIFY = "1.3.3"
 LR = 1e-3
+DEAD_TOKENS = 10_000_000
+"""Both sides' dead-latent threshold (sparsify's default): no AuxK pass in a benchmark run."""
 CELLS = [(576, 8, 32, 1024), (576, 8, 32, 4096), (576, 8, 128, 1024), (576, 8, 128, 4096),
          (576, 32, 32, 1024), (576, 32, 32, 4096), (576, 32, 128, 1024), (576, 32, 128, 4096),
          (2048, 8, 32, 1024), (2048, 8, 32, 4096)]
 """(d_model, expansion, k, batch)."""
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def batch_array(batch: int, d: int, i: int):
@@ -75,7 +86,7 @@ def worker() -> None:
             step(2)  # warm-up
             out = {"ok": True}
         elif cmd["cmd"] == "time":
-            out = {"seconds": step(cmd["steps"])}
+            out = dict(zip(("seconds", "cpu"), step(cmd["steps"])))
         else:
             return
         reply.write(json.dumps(out) + "\n")
@@ -90,14 +101,14 @@ def _sparsify_step(torch, SparseCoder, SparseCoderConfig, schedule, d: int, late
     sched = schedule(opt, 1000, 10**6)
     tsf = torch.zeros(latents, dtype=torch.long)
     xs = [torch.from_numpy(batch_array(batch, d, i)) for i in range(2)]
-    dead_threshold, auxk_alpha = 10_000_000, 1 / 32
+    auxk_alpha = 1 / 32
 
-    def run(steps: int) -> float:
-        start = time.perf_counter()
+    def run(steps: int) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), _cpu_seconds()
         for i in range(steps):
             x = xs[i % 2]
             sae.set_decoder_norm_to_unit_norm()
-            dead_mask = tsf > dead_threshold
+            dead_mask = tsf > DEAD_TOKENS
             total_variance = (x - x.mean(0)).pow(2).sum()
             out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
             did_fire = torch.zeros(latents, dtype=torch.bool)
@@ -112,7 +123,7 @@ def _sparsify_step(torch, SparseCoder, SparseCoderConfig, schedule, d: int, late
             with torch.no_grad():
                 tsf.add_(x.shape[0])
                 tsf[did_fire] = 0
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, (_cpu_seconds() - cpu) / steps
 
     return run
 
@@ -177,7 +188,8 @@ def _saelab_step(d: int, latents: int, k: int, batch: int):
     from saelab.sae import SAE
     from saelab.steps import StepConsts, StepMetrics, make_fast_step
 
-    cfg = SAEConfig(expansion_factor=latents // d, k=k, batch_size=batch, learning_rate=LR)
+    cfg = SAEConfig(expansion_factor=latents // d, k=k, batch_size=batch, learning_rate=LR,
+                    dead_tokens_threshold=DEAD_TOKENS)
     params = dict(SAE(d, latents, k).trainable_parameters())
     box = {"state": {"params": params, "m": {n: mx.zeros_like(p) for n, p in params.items()},
                      "v": {n: mx.zeros_like(p) for n, p in params.items()},
@@ -186,13 +198,13 @@ def _saelab_step(d: int, latents: int, k: int, batch: int):
     xs = [mx.array(batch_array(batch, d, i)) for i in range(2)]
     lr = mx.array(LR)
 
-    def run(steps: int) -> float:
-        start = time.perf_counter()
+    def run(steps: int) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), _cpu_seconds()
         for i in range(steps):  # as train.py's loop
             state, out = fast(box["state"], xs[i % 2], lr, mx.array(i + 1.0), box["dead"])
             mx.async_eval(state, out)
             box["state"], box["dead"] = state, int(StepMetrics.read(out).dead)
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, (_cpu_seconds() - cpu) / steps
 
     return run
 
@@ -238,16 +250,22 @@ def main() -> None:
         peer.ask(cmd="setup", cell=cell)
         ours = _saelab_step(**cell)
         ours(2)  # warm-up (compiles)
-        times = {"sparsify": [], "saelab": []}
+        times, cpus = {"sparsify": [], "saelab": []}, {"sparsify": [], "saelab": []}
         for _ in range(args.reps):
-            times["sparsify"].append(peer.ask(cmd="time", steps=args.steps)["seconds"])
-            times["saelab"].append(ours(args.steps))
+            got = peer.ask(cmd="time", steps=args.steps)
+            times["sparsify"].append(got["seconds"])
+            cpus["sparsify"].append(got["cpu"])
+            seconds, cpu = ours(args.steps)
+            times["saelab"].append(seconds)
+            cpus["saelab"].append(cpu)
         del ours
         tok = {side: batch / statistics.median(t) for side, t in times.items()}
         rows.append({"d_model": d, "expansion": expansion, "latents": d * expansion, "k": k,
                      "batch": batch, "saelab_tok_s": round(tok["saelab"]),
                      "sparsify_tok_s": round(tok["sparsify"]),
                      "ratio": round(tok["saelab"] / tok["sparsify"], 2),
+                     "cpu_ms_per_step": {s: round(1e3 * statistics.median(c))
+                                         for s, c in cpus.items()},
                      "rep_tok_s": {s: [round(batch / x) for x in t] for s, t in times.items()}})
         print(f"{rows[-1]}", file=sys.stderr, flush=True)
     peer.close()

@@ -20,7 +20,7 @@ def __getattr__(name):  # lazy: `import saelab` stays cheap (CLI start-up, subpr
 
         return SAEConfig
     if name == "SAE":
-        from saelab.sae import SAE
+        from saelab.guide import SAE
 
         return SAE
     raise AttributeError(name)

@@ -10,22 +10,63 @@
 
 Training goes through ``saelab.trial.run_trial`` like every other entry point, with
 this already loaded model and the given texts in place of the configured corpus.
-The SAE's Phase 2 methods (``analyze_text``, ``steer``, ...) live in ``saelab.analysis``.
+``SAE`` is the TopK SAE with the guide's Phase 2 methods (``analyze_text``, ``steer``, ...),
+which live in ``saelab.analysis``, ``saelab.evaluate`` and ``saelab.features_app``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from saelab import analysis, evaluate, features_app
 from saelab.analysis import check_model, dataset_texts, remember_path, steering_edit
 from saelab.config import DataConfig, SAEConfig, TrialConfig
 from saelab.paths import outputs_root
-from saelab.sae import SAE
+from saelab.sae import SAE as TopKSAE
 from saelab.trace import TracedModel, activation_name
 from saelab.trial import run_trial
+
+
+class SAE(TopKSAE):
+    """The guide's SAE: the TopK SAE of ``saelab.sae`` (encode/decode, save/load,
+    metadata, is_compatible) plus the Phase 2 calls, implemented in ``saelab.analysis``,
+    ``saelab.evaluate`` and ``saelab.features_app``. ``SAE.load`` returns this class."""
+
+    def analyze_text(self, model: Any, prompt: str, top_k: int = 10) -> list:
+        """Per token of ``prompt``: (token, [(feature, activation), ...]), strongest first."""
+        return analysis.analyze_text(self, model, prompt, top_k)
+
+    def get_top_activating_texts(self, feature_idx: int, dataset: Any = None, top_k: int = 20,
+                                 model: Any = None) -> list:
+        """The contexts of ``dataset`` (texts; None: the training corpus) where the feature
+        fires most, the token marked ``[[...]]``; every feature's list is computed in one
+        pass and saved beside the SAE."""
+        return analysis.top_activating_texts(self, feature_idx, dataset, top_k, model)
+
+    def visualize_feature(self, feature_idx: int, model: Any = None, dataset: Any = None,
+                          top_k: int = 10, html_path: str | os.PathLike | None = None):
+        """A plotly figure: activation histogram, top contexts, logit effect (HTML too)."""
+        return analysis.visualize_feature(self, feature_idx, model, dataset, top_k, html_path)
+
+    def launch_dashboard(self, model: Any = None, dataset: Any = None, host: str = "127.0.0.1",
+                         port: int = 8050, block: bool = True, max_tokens: int | None = None):
+        """Browse every feature on a local web page (``block=False``: a running server)."""
+        return features_app.launch(self, model, dataset, host=host, port=port, block=block,
+                      max_tokens=max_tokens)
+
+    def steer(self, model: Any, layer: int, feature_idx: int, strength: float) -> None:
+        """Inside ``with model.trace(prompt):``, add ``strength`` (code units) times the
+        feature's decoder direction to the component's output at every position."""
+        analysis.steer(self, model, layer, feature_idx, strength)
+
+    def evaluate(self, model: Any = None, dataset: Any = None, **options: Any) -> dict:
+        """Reconstruction and downstream metrics on ``dataset`` (texts, a DataConfig, or
+        None: the held-out documents of the training corpus); see saelab.evaluate."""
+        return evaluate.evaluate(self, model, dataset, **options)
 
 
 class InterpretableModel(TracedModel):
@@ -56,6 +97,7 @@ class InterpretableModel(TracedModel):
         out = outputs_root() / "runs" / f"{stamp}-train_sae-l{layer}-{cfg.component}"
         result = run_trial(cfg, callbacks, output_dir=out, sae_path=save_path, texts=texts,
                            model=self)
+        result.sae.__class__ = SAE  # the same arrays; the guide's class only adds methods
         return remember_path(result.sae, result.sae_path)
 
     def load_sae(self, path: str | Path) -> SAE:

@@ -54,7 +54,7 @@ def _run_hydra(cmd: str, args: list[str], task) -> int:
     import hydra
 
     from saelab import configs
-    from saelab.config import register_configs
+    from saelab.configs import register_configs
     from saelab.errors import full_errors, one_line
 
     user_full = full_errors()
@@ -95,7 +95,7 @@ def _prepare_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from saelab.cache import ensure_activations
-    from saelab.config import trial_from_dict
+    from saelab.configs import trial_from_dict
     from saelab.trial import validate_trial
 
     trial = trial_from_dict(OmegaConf.to_container(cfg, resolve=True))

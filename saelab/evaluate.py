@@ -82,7 +82,7 @@ def compose_eval_config(overrides: Sequence[str], sae_meta: dict) -> tuple[Model
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saelab.config import register_configs, trial_from_dict
+    from saelab.configs import register_configs, trial_from_dict
     from saelab.configs import conf_dir
 
     for o in overrides:

@@ -36,7 +36,8 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from saelab.config import StudyConfig, trial_from_dict
+from saelab.config import StudyConfig
+from saelab.configs import trial_from_dict
 from saelab.errors import CommandParser
 from saelab.paths import atomic_dir, outputs_root
 from saelab.report import write_report

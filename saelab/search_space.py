@@ -23,7 +23,8 @@ from hydra.core.override_parser.types import Override, Transformer
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from saelab.config import TrialConfig, canonical_component, trial_from_dict
+from saelab.config import TrialConfig, canonical_component
+from saelab.configs import trial_from_dict
 from saelab.models import model_info
 from saelab.trial import validate_trial
 

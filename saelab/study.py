@@ -30,7 +30,8 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from saelab.config import StudyConfig, TrialConfig, trial_from_dict
+from saelab.config import StudyConfig, TrialConfig
+from saelab.configs import trial_from_dict
 from saelab.storage import (JOB_ATTR, close_storage, open_existing_storage, open_storage,
                             worker_id)
 from saelab.train import Callback, StopTraining, TrainingDiverged

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from saelab.config import TrialConfig, trial_from_dict
+from saelab.config import TrialConfig
+from saelab.configs import trial_from_dict
 from saelab.paths import atomic_write_text
 
 log = logging.getLogger(__name__)

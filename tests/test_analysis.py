@@ -275,7 +275,7 @@ def test_export_adds_an_evaluation_table(trial_sae, outputs):
     import optuna
     from dataclasses import asdict
 
-    from saelab.config import trial_from_dict
+    from saelab.configs import trial_from_dict
     from saelab.export import export_study
 
     metrics = trial_sae.metrics

@@ -4,7 +4,8 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from saelab.config import DataConfig, SAEConfig, TrialConfig, canonical_component, trial_from_dict
+from saelab.config import DataConfig, SAEConfig, TrialConfig, canonical_component
+from saelab.configs import trial_from_dict
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -58,7 +59,7 @@ def test_structured_config_round_trip():
 def _compose_in(cwd, monkeypatch, *overrides):
     from hydra import compose, initialize_config_dir
 
-    from saelab.config import register_configs
+    from saelab.configs import register_configs
     from saelab.configs import conf_dir
 
     register_configs()

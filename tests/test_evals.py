@@ -182,7 +182,8 @@ def test_downstream_sweep_composes():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saelab.config import StudyConfig, register_configs, trial_from_dict
+    from saelab.config import StudyConfig
+    from saelab.configs import register_configs, trial_from_dict
     from saelab.configs import conf_dir
     from saelab.search_space import parse_search_space, validate_search_space
 

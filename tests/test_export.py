@@ -80,7 +80,7 @@ def weights(path) -> dict:
 def raw_activations(config: dict, env: dict, n: int = 256) -> np.ndarray:
     """Validation activations of the trial's (layer, component) from the study's activation cache."""
     from saelab.cache import ensure_activations
-    from saelab.config import trial_from_dict
+    from saelab.configs import trial_from_dict
 
     cfg = trial_from_dict(config)
     entry = ensure_activations(cfg.model, cfg.data, [(cfg.layer, cfg.component)],

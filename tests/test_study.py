@@ -279,7 +279,7 @@ def test_slurm_launcher_composes():
     local executor) composes with a sweep file."""
     from hydra import compose, initialize_config_dir
 
-    from saelab.config import register_configs
+    from saelab.configs import register_configs
     from saelab.configs import conf_dir
 
     register_configs()
@@ -309,7 +309,7 @@ def test_ready_made_sweeps_are_valid(name):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saelab.config import register_configs
+    from saelab.configs import register_configs
     from saelab.configs import conf_dir
 
     register_configs()

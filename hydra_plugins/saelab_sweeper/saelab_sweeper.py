@@ -127,7 +127,7 @@ class SaelabSweeper(Sweeper):
     def plan(self, arguments: Sequence[str]) -> tuple[dict, Any, "SearchSpace", Optional[dict], int]:
         """Everything checked before a study exists: (task config, StudyConfig,
         search space, grid or None, trials wanted). Raises ValueError."""
-        from saelab.config import trial_from_dict
+        from saelab.configs import trial_from_dict
         from saelab.search_space import (corner_values, grid_of, parse_search_space,
                                          trial_overrides, validate_search_space)
 

@@ -32,7 +32,8 @@ import mlx.core as mx
 from saelab.config import DataConfig, ModelConfig
 from saelab.feature_index import ActivatingText, FeatureIndex, weights_hash
 from saelab.paths import outputs_root
-from saelab.trace import Edit, TracedModel, activation_name, shared_model
+from saelab.trace import Edit, TracedModel, shared_model
+from saelab.names import activation_name
 
 BATCH = 16
 """Sequences per forward pass when computing activations of a list of texts."""

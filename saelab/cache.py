@@ -179,7 +179,8 @@ def _doc_table(runs: list[np.ndarray]) -> np.ndarray:
 def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Sequence[str] | None,
              jobs: list[_Job], layout: dict[str, int], model: Any = None) -> None:
     """Stream the corpus through the model once, writing each job's missing shards."""
-    from saelab.trace import TracedModel, activation_name
+    from saelab.trace import TracedModel
+    from saelab.names import activation_name
 
     builders = [EntryBuilder(j.path, j.key, layout) for j in jobs]
     STATS.rebuilt += sum(b.replaced for b in builders)

@@ -42,7 +42,8 @@ import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
 from saelab.paths import atomic_file, atomic_write_text
-from saelab.trace import Edit, TracedModel, activation_name
+from saelab.trace import Edit, TracedModel
+from saelab.names import activation_name
 
 FORMAT = 1
 """Bump when what a baseline file holds or how it is computed changes."""

@@ -27,7 +27,8 @@ from saelab.analysis import check_model, dataset_texts, remember_path, steering_
 from saelab.config import DataConfig, SAEConfig, TrialConfig
 from saelab.paths import outputs_root
 from saelab.sae import SAE as TopKSAE
-from saelab.trace import TracedModel, activation_name
+from saelab.trace import TracedModel
+from saelab.names import activation_name
 from saelab.trial import run_trial
 
 

@@ -24,7 +24,7 @@ from saelab.data import load_texts, pack_documents
 from saelab.entry import CorruptShardError, open_entry
 from saelab.guide import InterpretableModel
 from saelab.shards import EntryBuilder
-from saelab.trace import activation_name
+from saelab.names import activation_name
 
 MODEL = ModelConfig()
 DATA = DataConfig(max_tokens=2048, context_length=64)

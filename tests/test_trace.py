@@ -6,7 +6,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 import pytest
 
-from saelab.trace import ActivationNameError, TracedModel, activation_name
+from saelab.trace import TracedModel
+from saelab.names import ActivationNameError, activation_name
 
 pytestmark = pytest.mark.slow  # loads the default model
 

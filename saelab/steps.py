@@ -3,8 +3,10 @@ reference step it is tested against.
 
 Both give the same update from the same state and batch (tested):
 ``reference_step`` (autodiff + argpartition, uncompiled) and the fast step
-(``make_fast_step``: hand-written gradients, block top-k, gather decode, one
-``mx.compile`` including Adam). Both minimize
+(``make_fast_step``: hand-written gradients, block top-k, gather decode,
+segment-sum weight gradients, one ``mx.compile`` including Adam, the memory-bound
+work split over two CPU streams; block timings in benchmarks/README.md). Both
+minimize
 
     loss = FVU + auxk_coefficient * AuxK + l1_coefficient * L1
 
@@ -116,39 +118,29 @@ def _apply_update(state: dict, grads: dict, lr: mx.array, t: mx.array,
                   consts: StepConsts) -> dict:
     """Shared by both steps: project out the decoder-parallel gradient, clip the
     global norm, Adam (bias-corrected, mlx.optimizers.Adam's arithmetic),
-    renormalize decoder rows. The decoder's update runs on one CPU stream and
-    the other parameters' on the other (both cores). Per-row scalars are
-    indexed ``[:, None]`` rather than kept 2-D: a [rows, 1] operand made by
-    elementwise ops is fused into the [rows, d] kernel and recomputed (sqrt
-    and all) for every element, ~9x slower."""
+    renormalize decoder rows. Per-row scalars are indexed ``[:, None]`` rather
+    than kept 2-D: a [rows, 1] operand made by elementwise ops is fused into the
+    [rows, d] kernel and recomputed (sqrt and all) for every element. One stream:
+    running the decoder's and the encoder's updates on two CPU streams took more
+    CPU and wall time (benchmarks/README.md, "Step profile")."""
     params, dec = state["params"], _decoder_key(consts)
-    enc_stream, dec_stream = cpu_streams()
-    place = {key: dec_stream if key in (dec, "b_dec") else enc_stream for key in grads}
-    with mx.stream(dec_stream):
-        w, g = params[dec], grads[dec]
-        grads = {**grads, dec: g - mx.sum(g * w, axis=1)[:, None] * w}
-    scale = None
+    w, g = params[dec], grads[dec]
+    grads = {**grads, dec: g - mx.sum(g * w, axis=1)[:, None] * w}
     if consts.gradient_clip > 0:
-        sums = []
-        for key, g in grads.items():
-            with mx.stream(place[key]):
-                sums.append(mx.sum(mx.square(g)))
-        scale = mx.minimum(1.0, consts.gradient_clip / (mx.sqrt(sum(sums)) + 1e-6))
+        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in grads.values()))
+        clip = mx.minimum(1.0, consts.gradient_clip / (norm + 1e-6))
+        grads = {k: g * clip for k, g in grads.items()}
     b1, b2 = consts.betas
     c1 = lr / (1 - b1 ** t)
     c2 = mx.rsqrt(1 - b2 ** t)
     new = {"params": {}, "m": {}, "v": {}}
     for key, g in grads.items():
-        with mx.stream(place[key]):
-            if scale is not None:
-                g = g * scale
-            m = b1 * state["m"][key] + (1 - b1) * g
-            v = b2 * state["v"][key] + (1 - b2) * mx.square(g)
-            new["m"][key], new["v"][key] = m, v
-            p = params[key] - c1 * m / (mx.sqrt(v) * c2 + ADAM_EPS)
-            if key == dec:
-                p = p / (mx.sqrt(mx.sum(mx.square(p), axis=1)) + 1.1920929e-07)[:, None]
-            new["params"][key] = p
+        m = b1 * state["m"][key] + (1 - b1) * g
+        v = b2 * state["v"][key] + (1 - b2) * mx.square(g)
+        new["m"][key], new["v"][key] = m, v
+        new["params"][key] = params[key] - c1 * m / (mx.sqrt(v) * c2 + ADAM_EPS)
+    w = new["params"][dec]
+    new["params"][dec] = w / (mx.sqrt(mx.sum(mx.square(w), axis=1)) + 1.1920929e-07)[:, None]
     return new
 
 

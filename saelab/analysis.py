@@ -206,7 +206,9 @@ def _corpus_source(sae: Any, model: TracedModel):
                          "config; allowed: dataset=<a list of texts>")
     cfg = DataConfig(**data)
     layer, comp = check_model(sae, model)
-    entry = ensure_activations(model.config, cfg, [(layer, comp)], model=model)[(layer, comp)]
+    where = sae.metadata.get("activation_cache")  # the cache root the SAE's trial used
+    entry = ensure_activations(model.config, cfg, [(layer, comp)], model=model,
+                               root=Path(where).parent if where else None)[(layer, comp)]
     packed = pack_documents(model.tokenizer, load_texts(cfg), cfg.context_length, cfg.max_tokens)
     step = 8192
 

@@ -17,10 +17,11 @@ scored only when it and the token it predicts are both real.
 
 What does not depend on the SAE is computed once per (cache entry = model,
 layer, component, corpus; validation split; number of sequences) and kept in
-``<activation cache root>/downstream/<key>.npz``: the sequences, the clean and
-ablated losses, the clean output of the layer before (so a spliced pass runs only
-the layers from the SAE's on: MLX never evaluates the replaced prefix), and for
-the KL the clean distribution's negative entropy and expected unembedding
+``<activation cache root>/.downstream/<key>.npz`` (a dot directory, like the
+root's ``.locks``: not an entry): the sequences, the clean and ablated losses,
+the clean output of the layer before (so a spliced pass runs only the layers
+from the SAE's on: MLX never evaluates the replaced prefix), and for the KL the
+clean distribution's negative entropy and expected unembedding
 ``E_p[W_U]`` per position (exact for a linear head: sum_v p_v log q_v =
 h_q . E_p[W_U] - logsumexp(z_q)). A per-trial evaluation is then one partial
 forward pass.
@@ -319,7 +320,7 @@ def entry_downstream(entry: Any, data_cfg: Any, model: TracedModel, sae: Any, *,
     fields = {"entry": entry.manifest["key"], "split": split, "n_sequences": n_sequences,
               "validation_split": validation_split if split != "all" else None,
               "seed": seed if split != "all" else None}
-    path = entry.path.parent / "downstream" / baseline_key(fields)[:16]
+    path = entry.path.parent / ".downstream" / baseline_key(fields)[:16]
 
     def make() -> EvalSet:
         corpus = corpus_texts(data_cfg, texts)

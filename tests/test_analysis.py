@@ -224,6 +224,19 @@ def trial_sae(outputs):
     return run_trial(cfg, output_dir=outputs / "trial", progress=False)
 
 
+def test_top_texts_on_the_training_corpus_read_its_activation_cache(model, trial_sae):
+    sae = model.load_sae(trial_sae.sae_path)
+    index = feature_index(sae, None, model)  # dataset=None: the trial's cached corpus
+    assert index.n_tokens == sae.metadata["train_activations"] + sae.metadata["val_activations"]
+    f = int(np.argmax(index.counts))
+    top = sae.get_top_activating_texts(feature_idx=f, top_k=3)
+    name = f"model.layers.{LAYER}.mlp"
+    for t in top:  # the cached rows line up with the re-packed sequences' tokens
+        seq = index.tokens[t.sequence:t.sequence + 1]
+        act = model.trace(mx.array(seq), capture=[name]).activations[name][0, t.position]
+        assert float(sae.encode(act)[f]) == pytest.approx(t.activation, rel=2e-2)
+
+
 def test_saelab_eval_reproduces_the_trial_and_fails_clearly(trial_sae, outputs, capsys):
     out = outputs / "eval.json"
     assert cli(["eval", trial_sae.sae_path, "--out", str(out), "--sequences", "2"]) == 0

@@ -164,7 +164,7 @@ def test_trial_metrics_and_shared_baseline(model, tmp_path, monkeypatch):
     assert metrics["val/delta_lm_loss"] == pytest.approx(
         metrics["val/ce_loss_spliced"] - metrics["val/ce_loss_clean"])
     assert metrics["time/downstream_s"] > 0
-    files = list((tmp_path / "outputs" / "cache" / "downstream").glob("*.json"))
+    files = list((tmp_path / "outputs" / "cache" / ".downstream").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["n_sequences"] == 2
     stamp = files[0].stat().st_mtime_ns
     other = model.train_sae(layer=1, dataset=texts, config=SAEConfig(

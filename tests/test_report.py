@@ -74,7 +74,7 @@ def test_a_layer_scan_compares_layers_by_lm_loss(smoke):
     dist = {"layer": optuna.distributions.CategoricalDistribution([2, 6, 10]),
             "component": optuna.distributions.CategoricalDistribution(["mlp", "output"])}
     for t, layer, comp in zip(src.get_trials(states=(TrialState.COMPLETE,)), (2, 6, 10),
-                              ("mlp", "output", "mlp")):
+                              ("mlp", "output", "mlp"), strict=True):
         attrs = {**t.user_attrs, "config": {**t.user_attrs["config"], "layer": layer,
                                              "component": comp}}
         scan.add_trial(optuna.trial.create_trial(

@@ -13,7 +13,6 @@ texts, which is the caller's evaluation set).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from saelab.config import DataConfig, ModelConfig, SAEConfig
+from saelab.errors import CommandParser
 
 SPLITS = ("validation", "all")
 METRIC_ORDER = ("val/mse", "val/nmse", "val/nmse_p99", "val/explained_variance", "val/l0",
@@ -132,7 +132,7 @@ def evaluate_path(path: str | Path, overrides: Sequence[str], *, split: str | No
 
 def eval_main(argv: Sequence[str]) -> int:
     """``saelab eval SAE_PATH [data/model overrides] [--out FILE] [--split S] [--sequences N]``."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="saelab eval", description=__doc__.split("\n\n")[0],
         epilog="e.g. saelab eval outputs/quick/export/trial_3/sae.mlx data=files "
                "data.paths=[notes.txt] data.max_tokens=20000 --out eval.json")

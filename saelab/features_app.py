@@ -175,10 +175,11 @@ def launch(sae: Any, model: Any = None, dataset: Any = None, *, host: str = "127
 
 def features_main(argv: list[str]) -> int:
     """``saelab features SAE_PATH [data overrides] [--port 8050] [--host 127.0.0.1]``."""
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="saelab features", description=__doc__.split("\n\n")[0],
+    from saelab.errors import CommandParser
+
+    p = CommandParser(prog="saelab features", description=__doc__.split("\n\n")[0],
                                 epilog="Without data overrides the features are shown on the "
                                        "SAE's training corpus (its activation cache).")
     p.add_argument("sae", help="a saved SAE directory (sae.json + sae.safetensors)")

@@ -64,6 +64,11 @@ CASES = [
     (["trials", "nope", "--storage", "DB"], "study='nope' is not in sqlite:///"),
     (["trials", "s", "--storage", "NONE"], "does not exist: no such database file"),
     (["export", "s", "--storage", "DB", "--top", "x"], "argument --top: invalid int value: 'x'"),
+    # eval / features: argparse and the SAE path, before any model load
+    (["eval"], "saelab eval: the following arguments are required: sae"),
+    (["eval", "NONE"], "is not a saved SAE: expected sae.json and sae.safetensors"),
+    (["features", "NONE", "--bogus"], "saelab features: unrecognized arguments: --bogus"),
+    (["features", "NONE"], "is not a saved SAE: expected sae.json and sae.safetensors"),
     (["export", "s", "--storage", "DB", "--rule", "bogus"], "--rule='bogus'"),
     (["export", "nope", "--storage", "DB"], "saelab export: study='nope' is not in"),
     (["dashboard", "s", "--storage", "DB", "--port", "99999"], "'99999' is not valid; allowed: "

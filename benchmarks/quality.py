@@ -28,6 +28,14 @@ VARIANTS = {
     "lr2e-3_auxk8": {"learning_rate": 2e-3, "auxk_coefficient": 0.125},
     "lr1.5e-3": {"learning_rate": 1.5e-3},
     "noclip": {"gradient_clip": 0.0},
+    # the recipe differences to the PyTorch reference, one at a time
+    "bdec_mean": {"b_dec_init": "mean"},
+    "constant_lr": {"lr_decay": "constant"},
+    "unit_norm": {"input_norm_target": 1.0},
+    "kaux256": {"k_aux": 256},
+    # dead-latent strategies at equal tokens: AuxK (base), resampling, neither (no_auxk)
+    "resample": {"auxk": False, "resample_every": 100},
+    "auxk_resample": {"resample_every": 100},
 }
 
 

@@ -161,6 +161,10 @@ class SAEConfig:
     """Standardize inputs by a scalar mean-norm scale estimated from the data;
     the statistics live in the SAE so encode/decode take raw activations."""
 
+    input_norm_target: Optional[float] = None
+    """Root-mean-square norm of the normalized training inputs (with
+    ``normalize_input``); None: sqrt(d_model), i.e. about unit scale per coordinate."""
+
     tied_weights: bool = False
     """Decoder is the encoder's transpose (half the parameters)."""
 
@@ -181,6 +185,11 @@ class SAEConfig:
 
     dead_tokens_threshold: int = 100_000
     """A latent is dead if it has not fired in this many training tokens."""
+
+    resample_every: Optional[int] = None
+    """Resample dead latents every this many steps, during the first half of the
+    run (Towards Monosemanticity: toward inputs drawn by squared loss, Adam
+    moments reset); None: never. Works beside or instead of ``auxk``."""
 
     b_dec_init: str = "geometric_median"
     """Pre-encoder bias initialization: ``geometric_median``, ``mean`` or ``zeros``."""
@@ -247,12 +256,17 @@ class SAEConfig:
                "adam_betas", self.adam_betas, "two floats in [0, 1)")
         _check(0.0 < self.validation_split < 0.5, "validation_split", self.validation_split,
                "a fraction in (0, 0.5)")
+        _check(self.input_norm_target is None or (self.input_norm_target > 0
+                                                  and math.isfinite(self.input_norm_target)),
+               "input_norm_target", self.input_norm_target, "a positive finite float or None")
         _check(self.gradient_clip >= 0, "gradient_clip", self.gradient_clip, ">= 0")
         _check(self.l1_coefficient >= 0, "l1_coefficient", self.l1_coefficient, ">= 0")
         _check(self.k_aux is None or self.k_aux >= 1, "k_aux", self.k_aux, ">= 1 or None")
         _check(self.auxk_coefficient >= 0, "auxk_coefficient", self.auxk_coefficient, ">= 0")
         _check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold",
                self.dead_tokens_threshold, ">= 1")
+        _check(self.resample_every is None or self.resample_every >= 1, "resample_every",
+               self.resample_every, "an integer >= 1 (steps) or None")
         _check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "b_dec_init",
                self.b_dec_init, "geometric_median, mean, zeros")
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")

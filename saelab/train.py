@@ -3,7 +3,9 @@ metrics, callbacks.
 
 The training loop; the steps it runs (the compiled fast step by default, the
 autodiff reference step when ``cfg.fast_step`` is false) and the loss they
-minimize are in :mod:`saelab.steps`.
+minimize are in :mod:`saelab.steps`. Dead latents are revived by AuxK inside
+the step (``cfg.auxk``) and/or by :func:`resample_dead` between steps
+(``cfg.resample_every``).
 
 Metrics (averaged over the ``log_every`` window unless said):
 ``train/loss``, ``train/recon_loss`` (the FVU term), ``train/auxk_loss``,
@@ -45,6 +47,16 @@ STAT_SAMPLE = 32_768
 """Tokens sampled for the input scale and the b_dec initialization (as openai)."""
 
 EVAL_BATCH = 4096
+"""Rows per validation chunk (at most)."""
+
+RESAMPLE_SAMPLE = 16_384
+"""Training tokens scored to choose the inputs dead latents are resampled toward."""
+
+RESAMPLE_ENCODER_SCALE = 1.0
+"""A resampled encoder row's norm as a fraction of the mean alive one. Towards
+Monosemanticity used 0.2 (ReLU + L1, where any positive pre-activation fires); a
+TopK latent must enter the top k: on tests/test_train.py's data 0.2 left 32% of
+latents dead, 0.5 15%, 1.0 12%, and 2.0 diverged."""
 
 TRAIN_METRICS = {"loss": "train/loss", "fvu": "train/recon_loss", "auxk": "train/auxk_loss",
                  "l1": "train/l1_loss", "l0": "train/l0"}
@@ -118,7 +130,8 @@ def init_sae(sample: np.ndarray, cfg: SAEConfig, metadata: dict) -> SAE:
         raise ValueError("train contains non-finite values (NaN/inf); allowed: finite activations")
     sae = SAE(d, cfg.expansion_factor * d, cfg.k, normalize_input=cfg.normalize_input,
               tied_weights=cfg.tied_weights, metadata=metadata, seed=cfg.seed)
-    scale = math.sqrt(d / max(np.mean(np.sum(sample ** 2, axis=1)), 1e-30)) \
+    target = cfg.input_norm_target or math.sqrt(d)
+    scale = target / math.sqrt(max(np.mean(np.sum(sample ** 2, axis=1)), 1e-30)) \
         if cfg.normalize_input else 1.0
     sample *= scale
     b_dec = {"geometric_median": geometric_median, "mean": lambda s: s.mean(axis=0),
@@ -128,57 +141,134 @@ def init_sae(sample: np.ndarray, cfg: SAEConfig, metadata: dict) -> SAE:
     return sae
 
 
-class _Validator:
-    """Validation metrics over all validation tokens. Statistics (mean, norms,
-    variances) are computed once, in float64 chunks, so a large (memmap)
-    validation set is never held in memory whole."""
+def _token_errors(params: dict, x: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """(squared reconstruction error per token, code values, code indices) of normalized x."""
+    w_dec = params.get("W_dec", params["W_enc"])
+    v, idx, _ = topk_codes(pre_activations(params, x), k)
+    return mx.sum(mx.square(decode_codes(w_dec, v, idx) + params["b_dec"] - x), axis=1), v, idx
 
-    def __init__(self, val: np.ndarray, scale: float):
-        self.val, self.scale = val, scale
-        norms = np.concatenate([np.linalg.norm(c, axis=1) for c in self._chunks()])
+
+def _chunk_sums(params: dict, x: mx.array, weights: mx.array, k: int) -> tuple:
+    """Sums over one validation chunk, padding rows weighted 0: squared error
+    (all tokens, lowest-norm 99%), nonzero codes (int), code sum, and per-latent
+    firing counts (int). Fixed-shape chunks, so compiled once per (shape, k)."""
+    err, v, idx = _token_errors(params, x, k)
+    on = (v > 0) & (weights[:, :1] > 0)
+    fired = mx.zeros((params["b_enc"].shape[0],), mx.int32).at[idx.reshape(-1)].add(
+        on.reshape(-1).astype(mx.int32))
+    return (mx.sum(err[:, None] * weights, axis=0), mx.sum(on.astype(mx.int32)),
+            mx.sum(v * weights[:, :1]), fired)
+
+
+_eval_chunk = mx.compile(_chunk_sums)  # module level: trials in one process share its graphs
+
+
+def _total_variance(x: np.ndarray, mask: np.ndarray | None, chunk: int) -> float:
+    """Sum of squared deviations from the mean of the (masked) rows, in float64 chunks."""
+    def rows(lo: int) -> np.ndarray:
+        c = x[lo:lo + chunk] if mask is None else x[lo:lo + chunk][mask[lo:lo + chunk]]
+        return c.astype(np.float64)
+
+    starts = range(0, len(x), chunk)
+    mean = sum(rows(lo).sum(axis=0) for lo in starts) / (len(x) if mask is None else mask.sum())
+    return float(sum(np.sum((rows(lo) - mean) ** 2) for lo in starts))
+
+
+class _Validator:
+    """Validation metrics over all validation tokens.
+
+    Built once per run: the float64 statistics (means, total variances, the
+    99%-lowest-norm mask), and the normalized float32 validation set in
+    fixed ``EVAL_BATCH``-row chunks (the last one zero-padded, its padding
+    weighted 0). An evaluation queues every chunk lazily, accumulating on the
+    device, and reads the host values once at the end."""
+
+    def __init__(self, val: np.ndarray, scale: float, max_chunk: int = EVAL_BATCH):
+        n = len(val)
+        self.n, self.d, self.scale = n, val.shape[1], scale
+        # equal chunks of at most max_chunk rows (a multiple of 8): little padding
+        chunk = 8 * math.ceil(n / math.ceil(n / max_chunk) / 8)
+        pad = -n % chunk
+        xs = np.zeros((n + pad, self.d), np.float32)
+        for lo in range(0, n, chunk):
+            xs[:n][lo:lo + chunk] = np.asarray(val[lo:lo + chunk], np.float32) * np.float32(scale)
+        norms = np.linalg.norm(xs[:n], axis=1)
         if not np.isfinite(norms).all():
             raise ValueError("val contains non-finite values (NaN/inf); allowed: finite activations")
-        self.p99 = norms <= np.quantile(norms, 0.99)
-        mean = sum(c.sum(axis=0) for c in self._chunks()) / len(norms)
-        mean_p99 = sum(c[m].sum(axis=0) for c, m in self._chunks(self.p99)) / self.p99.sum()
-        self.tv = sum(float(np.sum((c - mean) ** 2)) for c in self._chunks())
-        self.tv_p99 = sum(float(np.sum((c[m] - mean_p99) ** 2))
-                          for c, m in self._chunks(self.p99))
-        self._fn = mx.compile(self._batch)
-
-    def _chunks(self, mask: np.ndarray | None = None):
-        """Normalized float64 chunks of the validation set (with the mask's slice)."""
-        for lo in range(0, len(self.val), EVAL_BATCH):
-            chunk = np.asarray(self.val[lo:lo + EVAL_BATCH], dtype=np.float64) * self.scale
-            yield chunk if mask is None else (chunk, mask[lo:lo + EVAL_BATCH])
-
-    @staticmethod
-    def _batch(params: dict, x: mx.array, k: int) -> tuple:
-        w_dec = params.get("W_dec", params["W_enc"])
-        pre = pre_activations(params, x)
-        v, idx, _ = topk_codes(pre, k)
-        recon = decode_codes(w_dec, v, idx) + params["b_dec"]
-        fired = mx.zeros((pre.shape[1],), mx.int32).at[idx.reshape(-1)].add(
-            (v > 0).reshape(-1).astype(mx.int32))
-        return mx.sum(mx.square(recon - x), axis=1), mx.sum(v > 0), mx.sum(v), fired
+        p99 = norms <= np.quantile(norms, 0.99)
+        self.tv, self.tv_p99 = (_total_variance(xs[:n], m, chunk) for m in (None, p99))
+        # weights[:, 0]: a real token (not padding); weights[:, 1]: a lowest-norm-99% token
+        weights = np.zeros((n + pad, 2), np.float32)
+        weights[:n, 0], weights[:n, 1] = 1.0, p99
+        self.chunks = [(mx.array(xs[lo:lo + chunk]), mx.array(weights[lo:lo + chunk]))
+                       for lo in range(0, n + pad, chunk)]
+        mx.eval(self.chunks)
 
     def __call__(self, params: dict, k: int, l1_coefficient: float) -> dict:
-        n, d = self.val.shape
-        errs, l0, l1, fired = [], 0.0, 0.0, None
-        for lo in range(0, n, EVAL_BATCH):
-            x = mx.array(np.asarray(self.val[lo:lo + EVAL_BATCH], dtype=np.float32)) * self.scale
-            err, b_l0, b_l1, b_fired = self._fn(params, x, k)
-            mx.eval(err, b_l0, b_l1, b_fired)
-            errs.append(np.array(err, dtype=np.float64))
-            l0, l1 = l0 + b_l0.item(), l1 + b_l1.item()
-            fired = b_fired if fired is None else fired + b_fired
-        err = np.concatenate(errs)
-        nmse = float(err.sum() / self.tv)
+        err = l0 = l1 = fired = 0
+        for x, w in self.chunks:
+            c_err, c_l0, c_l1, c_fired = _eval_chunk(params, x, w, k)
+            err, l0, l1, fired = err + c_err, l0 + c_l0, l1 + c_l1, fired + c_fired
+        dead = mx.mean(fired == 0)
+        mx.eval(err, l0, l1, dead)  # the one wait of an evaluation
+        (err_all, err_p99), l0, l1, dead = err.tolist(), l0.item(), l1.item(), dead.item()
+        n, d = self.n, self.d
+        nmse = err_all / self.tv
         return {"val/loss": nmse + l1_coefficient * l1 / n,
-                "val/mse": float(err.sum() / (n * d) / self.scale ** 2),
-                "val/nmse": nmse, "val/nmse_p99": float(err[self.p99].sum() / self.tv_p99),
+                "val/mse": err_all / (n * d) / self.scale ** 2,
+                "val/nmse": nmse, "val/nmse_p99": err_p99 / self.tv_p99,
                 "val/explained_variance": 1.0 - nmse, "val/l0": l0 / n,
-                "val/dead_fraction": float(mx.mean(fired == 0).item())}
+                "val/dead_fraction": dead}
+
+
+def resample_dead(state: dict, x: mx.array, k: int, dead_threshold: int,
+                  rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+    """Re-initialize the dead latents of ``state`` toward badly reconstructed
+    inputs (Towards Monosemanticity's resampling); returns (state, their indices).
+
+    Dead: not fired in ``dead_threshold`` tokens. Each takes one token of the
+    normalized sample ``x`` [n, d_model], drawn with probability proportional to
+    the square of its squared reconstruction error, and its unit direction from
+    ``b_dec``: the decoder row becomes that direction, the encoder row the
+    direction times RESAMPLE_ENCODER_SCALE x the mean alive encoder-row norm
+    (tied weights: the unit direction), the encoder bias 0; those rows' Adam
+    moments and tokens-since-fired are reset."""
+    tsf = np.array(state["tsf"])
+    dead = np.flatnonzero(tsf > dead_threshold)
+    if not len(dead):
+        return state, dead
+    p = state["params"]
+    err = np.concatenate([np.array(_token_errors(p, x[lo:lo + EVAL_BATCH], k)[0], np.float64)
+                          for lo in range(0, x.shape[0], EVAL_BATCH)])
+    weight = err ** 2
+    prob = weight / weight.sum() if weight.sum() > 0 else None  # None: uniform
+    pick = rng.choice(len(err), size=len(dead), replace=len(dead) > np.count_nonzero(weight),
+                      p=prob)
+    direction = np.array(x[mx.array(pick)] - p["b_dec"], np.float64)
+    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
+    if "W_dec" in p:
+        alive = np.setdiff1d(np.arange(len(tsf)), dead)
+        enc_norm = np.linalg.norm(np.array(p["W_enc"])[alive], axis=1).mean() if len(alive) else 1.0
+        rows = {"W_dec": direction, "W_enc": direction * RESAMPLE_ENCODER_SCALE * enc_norm}
+    else:  # tied: W_enc is the decoder too, with unit rows
+        rows = {"W_enc": direction}
+    rows["b_enc"] = 0.0
+    new = {"params": dict(p), "m": dict(state["m"]), "v": dict(state["v"])}
+    for key, value in rows.items():
+        for part, fill in (("params", value), ("m", 0.0), ("v", 0.0)):
+            a = np.array(new[part][key])
+            a[dead] = fill
+            new[part][key] = mx.array(a)
+    tsf[dead] = 0
+    return {**state, **new, "tsf": mx.array(tsf)}, dead
+
+
+def _resample(state: dict, train: TrainRows, scale: float, cfg: SAEConfig,
+              step: int) -> tuple[dict, np.ndarray]:
+    """resample_dead toward a seeded sample of RESAMPLE_SAMPLE training tokens."""
+    rng = np.random.default_rng([cfg.seed, 2, step])
+    x = mx.array(np.asarray(train.sample(RESAMPLE_SAMPLE, rng), dtype=np.float32)) * scale
+    return resample_dead(state, x, cfg.k, cfg.dead_tokens_threshold, rng)
 
 
 def _check_inputs(train: np.ndarray, val: np.ndarray, cfg: SAEConfig) -> None:
@@ -245,6 +335,9 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
             num_dead = int(got.dead)
             bar.update(1)
             done = step + 1
+            if cfg.resample_every and done % cfg.resample_every == 0 and 2 * done <= total:
+                state, reborn = _resample(state, train, scale, cfg, done)
+                num_dead -= len(reborn)
             if done % cfg.log_every == 0 or done == total:
                 count = (done - 1) % cfg.log_every + 1
                 metrics = dict(zip(TRAIN_METRICS.values(), (window / count).tolist()))

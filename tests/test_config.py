@@ -13,6 +13,7 @@ from saelab.configs import trial_from_dict
     ({"learning_rate": -1.0}, "learning_rate"), ({"validation_split": 0.7}, "validation_split"),
     ({"lr_decay": "step"}, "lr_decay"), ({"b_dec_init": "random"}, "b_dec_init"),
     ({"warmup_fraction": 1.5}, "warmup_fraction"), ({"adam_betas": [0.9, 1.2]}, "adam_betas"),
+    ({"resample_every": 0}, "resample_every"),
 ])
 def test_sae_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError) as e:
@@ -94,3 +95,11 @@ def test_sweep_files_come_from_cwd_then_shipped_then_searchpath(tmp_path, monkey
     with pytest.raises(MissingConfigException, match="sweep/nope") as e:
         name("sweep=nope")
     assert all(n in str(e.value) for n in ("mine", "smoke", "quick", "k_expansion"))
+
+
+def test_sae_presets_compose(tmp_path, monkeypatch):
+    resample = trial_from_dict(OmegaConf.to_container(
+        _compose_in(tmp_path, monkeypatch, "sae=resample"), resolve=True)).sae
+    assert not resample.auxk and resample.resample_every == 100 and resample.k == 32
+    topk = _compose_in(tmp_path, monkeypatch, "sae=topk").sae
+    assert topk.auxk and topk.resample_every is None

@@ -11,8 +11,8 @@ from mlx.utils import tree_flatten
 from saelab.config import SAEConfig
 from saelab.steps import (StepConsts, StepMetrics, _apply_update, make_fast_step,
                           reference_step)
-from saelab.train import (Callback, StopTraining, TrainingDiverged, init_sae, lr_schedule,
-                          train_sae_on_arrays)
+from saelab.train import (RESAMPLE_ENCODER_SCALE, Callback, StopTraining, TrainingDiverged,
+                          _Validator, init_sae, lr_schedule, resample_dead, train_sae_on_arrays)
 
 D = 64
 META = {"model_name": "synthetic", "layer": 3, "component": "mlp"}
@@ -237,3 +237,99 @@ def test_bad_inputs_rejected_early():
         train_sae_on_arrays(TRAIN, VAL, small_cfg(k=1000, expansion_factor=1), metadata=META)
     with pytest.raises(ValueError, match="train has shape"):
         train_sae_on_arrays(TRAIN[0], VAL, small_cfg(), metadata=META)
+
+
+def test_validator_chunks_padding_and_p99_match_numpy(trained):
+    sae, _, _ = trained
+    val = VAL[:999]  # chunks of 96 rows: the last one padded
+    scale = float(sae.input_scale.item())
+    params = dict(sae.trainable_parameters())
+    small, whole = _Validator(val, scale, max_chunk=96), _Validator(val, scale)
+    assert len(small.chunks) == 11 and small.chunks[0][0].shape == (96, D)
+    got = small(params, sae.k, 1e-3)
+    assert got == small(params, sae.k, 1e-3)  # buffers reused, nothing consumed
+    for key, value in whole(params, sae.k, 1e-3).items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    x = mx.array(val.astype(np.float32))
+    codes = np.array(sae.encode(x))
+    err = np.array(mx.sum(mx.square(sae(x) - x), axis=1), dtype=np.float64)
+    xv = val.astype(np.float64)
+    norms = np.linalg.norm(xv, axis=1)
+    low = norms <= np.quantile(norms, 0.99)
+    tv = np.sum((xv - xv.mean(0)) ** 2)
+    assert got["val/nmse"] == pytest.approx(err.sum() / tv, rel=1e-4)
+    assert got["val/nmse_p99"] == pytest.approx(
+        err[low].sum() / np.sum((xv[low] - xv[low].mean(0)) ** 2), rel=1e-4)
+    assert got["val/mse"] == pytest.approx(err.mean() / D, rel=1e-4)
+    assert got["val/l0"] == (codes > 0).sum() / len(val)
+    assert got["val/dead_fraction"] == np.mean((codes > 0).sum(axis=0) == 0)
+    assert got["val/loss"] == pytest.approx(
+        got["val/nmse"] + 1e-3 * codes.sum() / len(val), rel=1e-4)
+
+
+def test_resample_dead_reinitializes_rows_and_moments():
+    cfg = small_cfg(auxk=False)
+    sae, state, x = _one_step_state(cfg, 0)
+    step = make_fast_step(StepConsts.from_config(cfg, D, sae.d_hidden))
+    for t in (1.0, 2.0):  # non-zero Adam moments everywhere
+        state, _ = step(state, x, mx.array(1e-3), mx.array(t), 0)
+    dead = np.sort(np.random.default_rng(3).choice(sae.d_hidden, 40, replace=False))
+    tsf = np.full(sae.d_hidden, 7, np.int32)
+    tsf[dead] = cfg.dead_tokens_threshold + 1
+    state = {**state, "tsf": mx.array(tsf)}
+    x = x.at[7].multiply(30.0)  # one token the SAE reconstructs far worse than the rest
+    new, reborn = resample_dead(state, x, cfg.k, cfg.dead_tokens_threshold,
+                                np.random.default_rng(0))
+    assert np.array_equal(reborn, dead)
+    alive = np.setdiff1d(np.arange(sae.d_hidden), dead)
+    old_p = {key: np.array(a) for key, a in state["params"].items()}
+    p = {key: np.array(a) for key, a in new["params"].items()}
+    assert np.allclose(np.linalg.norm(p["W_dec"][dead], axis=1), 1.0, atol=1e-6)
+    enc_norm = RESAMPLE_ENCODER_SCALE * np.linalg.norm(old_p["W_enc"][alive], axis=1).mean()
+    assert np.allclose(p["W_enc"][dead], enc_norm * p["W_dec"][dead], rtol=1e-5, atol=1e-7)
+    assert (p["b_enc"][dead] == 0).all()
+    xc = np.array(x - state["params"]["b_dec"])
+    xc /= np.linalg.norm(xc, axis=1, keepdims=True)
+    cos = p["W_dec"][dead] @ xc.T  # each new decoder row is one sampled token's direction
+    assert np.allclose(cos.max(axis=1), 1.0, atol=1e-5)
+    assert np.isclose(cos[:, 7], 1.0, atol=1e-5).any()  # the high-loss token was drawn
+    for part in ("m", "v"):
+        for key in ("W_enc", "W_dec", "b_enc"):
+            before, after = np.array(state[part][key]), np.array(new[part][key])
+            assert (after[dead] == 0).all() and (before[dead] != 0).any(), (part, key)
+            assert np.array_equal(after[alive], before[alive]), (part, key)
+        assert np.array_equal(np.array(new[part]["b_dec"]), np.array(state[part]["b_dec"]))
+    for key in old_p:
+        rows = alive if old_p[key].shape[0] == sae.d_hidden else slice(None)
+        assert np.array_equal(p[key][rows], old_p[key][rows]), key
+    assert (np.array(new["tsf"])[dead] == 0).all()
+    assert np.array_equal(np.array(new["tsf"])[alive], tsf[alive])
+    same, none = resample_dead(new, x, cfg.k, cfg.dead_tokens_threshold, np.random.default_rng(0))
+    assert same is new and len(none) == 0
+
+
+def test_resampling_leaves_fewer_dead_latents():
+    """Many latents die here (1,024 latents for 256 atoms, k 4, no AuxK)."""
+    def dead(**kw):
+        cfg = small_cfg(expansion_factor=16, k=4, num_epochs=4, dead_tokens_threshold=1000,
+                        auxk=False, **kw)
+        return train_sae_on_arrays(TRAIN[:3000], VAL, cfg, metadata=META, progress=False)[1]
+    neither, resampled = dead(), dead(resample_every=5)
+    assert neither["val/dead_fraction"] > 0.15
+    assert resampled["val/dead_fraction"] < 0.75 * neither["val/dead_fraction"]
+    assert resampled["val/nmse"] < neither["val/nmse"]
+
+
+def test_resample_dead_tied_weights_unit_rows():
+    cfg = small_cfg(auxk=False, tied_weights=True)
+    sae, state, x = _one_step_state(cfg, 30)
+    state, _ = make_fast_step(StepConsts.from_config(cfg, D, sae.d_hidden))(
+        state, x, mx.array(1e-3), mx.array(1.0), 30)
+    state["tsf"] = _one_step_state(cfg, 30)[1]["tsf"]  # 30 dead latents
+    new, reborn = resample_dead(state, x, cfg.k, cfg.dead_tokens_threshold,
+                                np.random.default_rng(0))
+    assert len(reborn) == 30 and "W_dec" not in new["params"]
+    assert np.allclose(np.linalg.norm(np.array(new["params"]["W_enc"])[reborn], axis=1), 1.0,
+                       atol=1e-6)
+    assert (np.array(new["m"]["W_enc"])[reborn] == 0).all()
+    assert (np.array(new["v"]["b_enc"])[reborn] == 0).all()

@@ -10,8 +10,8 @@ epoch visits the shards holding training rows in a seeded order, a window of the
 at a time (about ``WINDOW_BUFFERS`` buffers of rows); within a window its training
 rows are cut into ``CHUNK_ROWS``-row contiguous chunks, read in a seeded random
 order into a fixed-size shuffle buffer, and batches are drawn from random buffer
-slots, each refilled by the next row read (as SAELens' ``ActivationsStore`` mixing
-buffer and sparsify's shuffled loaders mix many contiguous pieces; here the buffer
+slots, each refilled by the next row read (SAELens' ``ActivationsStore`` mixes its
+activations through a buffer the same way, keeping half of it; here the buffer
 stays full and is drained at the end of each epoch, so epochs are exact). Reads
 stay local (a few shards at a time: sequential I/O, and each shard's lazy checksum
 is paid about when it is read), memory is the buffer plus one window's chunk list,

@@ -4,8 +4,9 @@ An entry holds one (model, layer, component, corpus, token budget) in the sharde
 format of ``saelab.shards`` at ``<root>/<key[:16]>/``; ``key`` is the sha256 of
 everything that changes the activations.
 
-- One forward pass fills every missing entry a caller asks for (the trace stops
-  after the deepest requested layer); the model is loaded only if one is missing.
+- One forward pass fills every missing entry a caller asks for (only the layers up
+  to the deepest requested one are computed); the model is loaded only if one is
+  missing. Each forward batch runs as two slices on two CPU streams.
 - A file lock per key makes concurrent workers capture once; the others wait
   and reuse the result. Holding the lock is what lets a capture write the key's
   shards, so two processes never write the same shard.
@@ -48,8 +49,9 @@ CAPTURE_BATCH = 16
 """Sequences per forward batch."""
 CAPTURE_STREAMS = 2
 """A forward batch runs as this many slices on as many CPU streams at once, each with
-one OpenBLAS thread: MLX's element-wise ops (silu, softmax) run on one thread per
-stream, so on one stream they left a core idle for ~40% of the forward."""
+one OpenBLAS thread: MLX runs an element-wise op on one thread per stream, and those
+ops (norms, rope, softmax, silu) are a third of the forward's CPU time even with
+``saelab.fastops``, so with one stream a core idled for that third."""
 
 
 @dataclass

@@ -8,7 +8,10 @@ names, attributes such as ``use_sliding`` and the model's own forward code stay
 untouched, and outside a trace the subclasses just call through. Inside one,
 each output goes to the active recorder, which may hand back a *replacement*
 that flows on through the model: that is how evals splice an SAE's
-reconstruction in and how steering adds a feature's direction.
+reconstruction in and how steering adds a feature's direction. On a CPU, MLPs and
+attention that call mlx_lm's ``swiglu`` / ``scaled_dot_product_attention`` run their
+own code with ``saelab.fastops``' versions in place (``fastops.fast_forward``): MLX's CPU
+``exp`` is scalar, and this cut the forward pass's CPU time by about a third.
 
 Names: ``model.layers.N.mlp`` (MLP output), ``model.layers.N.attn`` (self-attention
 output, also ``.self_attn``) and ``model.layers.N.output`` (residual stream after
@@ -38,6 +41,7 @@ import mlx.core as mx
 import numpy as np
 
 from saelab.config import ModelConfig
+from saelab.fastops import fast_forward
 from saelab.models import DEFAULT_MODEL, load_model
 from saelab.names import ActivationNameError, Key, activation_name, parse_name
 
@@ -86,8 +90,10 @@ def _recording_class(cls: type) -> type:
     """A subclass of ``cls`` whose ``__call__`` hands its output to the active recorder
     and returns what the recorder gives back."""
     if cls not in _SUBCLASSES:
+        forward = fast_forward(cls)
+
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            out = super(sub, self).__call__(*args, **kwargs)
+            out = forward(self, *args, **kwargs)
             recorder = _ACTIVE.get()
             return out if recorder is None else recorder.record(self, out)
 

@@ -14,7 +14,7 @@ weights change.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -94,44 +94,19 @@ class FeatureIndex:
               source: str, top_n: int = TOP_N) -> FeatureIndex:
         """One pass over ``chunks`` (float activations [n, d_model], the real tokens of
         ``tokens``/``mask`` in row-major order)."""
-        d = sae.d_hidden
-        vals = np.zeros((d, top_n), np.float32)
-        rows = np.full((d, top_n), -1, np.int64)
-        counts = np.zeros(d, np.int64)
-        hist = np.zeros((d, len(BIN_EDGES) - 1), np.int64)
+        top = _TopLists(sae.d_hidden, top_n)
         offset = 0
-        for chunk in chunks:
-            v, idx = sae.encode_topk(mx.array(np.asarray(chunk, np.float32)))
-            v, idx = np.array(v), np.array(idx).astype(np.int64)
-            n = len(v)
+        for v, idx in _encoded(sae, chunks):
             fired = v > 0
-            feats, acts = idx[fired], v[fired]
-            token_rows = np.broadcast_to(np.arange(offset, offset + n)[:, None], v.shape)[fired]
-            np.add.at(counts, feats, 1)
-            bins = np.clip(np.searchsorted(BIN_EDGES, acts) - 1, 0, hist.shape[1] - 1)
-            np.add.at(hist, (feats, bins), 1)
-            # this chunk's best top_n per feature, then merged with the running lists
-            order = np.lexsort((-acts, feats))
-            feats, acts, token_rows = feats[order], acts[order], token_rows[order]
-            starts = np.searchsorted(feats, np.arange(d))
-            rank = np.arange(len(feats)) - starts[feats]
-            keep = rank < top_n
-            cand_v = np.zeros((d, top_n), np.float32)
-            cand_r = np.full((d, top_n), -1, np.int64)
-            cand_v[feats[keep], rank[keep]] = acts[keep]
-            cand_r[feats[keep], rank[keep]] = token_rows[keep]
-            both_v, both_r = np.hstack([vals, cand_v]), np.hstack([rows, cand_r])
-            best = np.argpartition(-both_v, top_n - 1, axis=1)[:, :top_n]
-            vals = np.take_along_axis(both_v, best, 1)
-            rows = np.take_along_axis(both_r, best, 1)
-            offset += n
+            top.add(idx[fired], v[fired],
+                    np.broadcast_to(np.arange(offset, offset + len(v))[:, None], v.shape)[fired])
+            offset += len(v)
         if offset != int(mask.sum()):
             raise ValueError(f"the activation chunks hold {offset} tokens; the sequences "
                              f"{int(mask.sum())}")
-        order = np.argsort(-vals, axis=1, kind="stable")
-        return cls(np.take_along_axis(vals, order, 1), np.take_along_axis(rows, order, 1),
-                   counts, hist, np.asarray(tokens, np.int32), np.asarray(mask, bool),
-                   weights_hash(sae), source)
+        vals, rows = top.result()
+        return cls(vals, rows, top.counts, top.hist.reshape(sae.d_hidden, -1),
+                   np.asarray(tokens, np.int32), np.asarray(mask, bool), weights_hash(sae), source)
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path: Path) -> Path:
@@ -183,3 +158,69 @@ class FeatureIndex:
         ok = (rows >= 0) & (self.top_values[:, :top_k] > 0)
         ids = self.tokens.ravel()[self.positions[np.where(ok, rows, 0)]]
         return np.where(ok, ids, -1)
+
+
+def _encoded(sae: Any, chunks: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(values float32 [n, k], indices int64 [n, k]) per chunk; the next chunk's encoding
+    runs on MLX while the caller merges this one in numpy (a single thread)."""
+    pending = None
+    for chunk in chunks:
+        codes = sae.encode_topk(mx.array(np.asarray(chunk, np.float32)))
+        mx.async_eval(codes)
+        if pending is not None:
+            yield np.array(pending[0]), np.array(pending[1]).astype(np.int64)
+        pending = codes
+    if pending is not None:
+        yield np.array(pending[0]), np.array(pending[1]).astype(np.int64)
+
+
+class _TopLists:
+    """Running per-feature top-``top_n`` lists, counts and histograms.
+
+    A (feature, activation, row) triple is kept as a candidate only if it beats the
+    feature's current ``top_n``-th value; candidates are reduced to the top lists once
+    they outnumber ``COMPACT`` x d_hidden, so after the first chunks few survive the
+    threshold and the merge costs little beyond the counting."""
+
+    COMPACT = 64
+
+    def __init__(self, d: int, top_n: int):
+        self.d, self.top_n = d, top_n
+        self.counts = np.zeros(d, np.int64)
+        self.hist = np.zeros(d * (len(BIN_EDGES) - 1), np.int64)
+        self.threshold = np.zeros(d, np.float32)
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending = 0
+
+    def add(self, feats: np.ndarray, acts: np.ndarray, rows: np.ndarray) -> None:
+        nb = len(BIN_EDGES) - 1
+        self.counts += np.bincount(feats, minlength=self.d)
+        bins = np.clip(np.searchsorted(BIN_EDGES, acts) - 1, 0, nb - 1)
+        self.hist += np.bincount(feats * nb + bins, minlength=self.d * nb)
+        keep = acts > self.threshold[feats]
+        self.parts.append((feats[keep], acts[keep], rows[keep]))
+        self.pending += int(keep.sum())
+        if self.pending > self.COMPACT * self.d:
+            self._compact()
+
+    def _compact(self) -> None:
+        feats, acts, rows = (np.concatenate(p) for p in zip(*self.parts))
+        order = np.lexsort((-acts, feats))  # by feature, strongest first
+        feats, acts, rows = feats[order], acts[order], rows[order]
+        rank = np.arange(len(feats)) - np.searchsorted(feats, feats)
+        keep = rank < self.top_n
+        feats, acts, rows = feats[keep], acts[keep], rows[keep]
+        full = np.bincount(feats, minlength=self.d) == self.top_n
+        last = np.searchsorted(feats, np.flatnonzero(full), side="right") - 1
+        self.threshold[full] = acts[last]
+        self.parts, self.pending = [(feats, acts, rows)], len(feats)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values float32 [d, top_n] descending, rows int64 [d, top_n]; 0 and -1 pad)."""
+        self._compact()
+        feats, acts, rows = self.parts[0]
+        rank = np.arange(len(feats)) - np.searchsorted(feats, feats)
+        vals = np.zeros((self.d, self.top_n), np.float32)
+        out = np.full((self.d, self.top_n), -1, np.int64)
+        vals[feats, rank], out[feats, rank] = acts, rows
+        return vals, out

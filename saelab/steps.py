@@ -4,9 +4,9 @@ reference step it is tested against.
 Both give the same update from the same state and batch (tested):
 ``reference_step`` (autodiff + argpartition, uncompiled) and the fast step
 (``make_fast_step``: hand-written gradients, block top-k, gather decode,
-segment-sum weight gradients, one ``mx.compile`` including Adam, the memory-bound
-work split over two CPU streams; block timings in benchmarks/README.md). Both
-minimize
+segment-sum weight gradients; the batch's two token halves on the two CPU
+streams, then the encoder's and the decoder's updates one per stream; block
+timings in benchmarks/README.md). Both minimize
 
     loss = FVU + auxk_coefficient * AuxK + l1_coefficient * L1
 
@@ -30,7 +30,7 @@ import mlx.core as mx
 from saelab.config import SAEConfig
 from saelab.sae import (GATHER_RATIO, decode_codes, decode_codes_vjp, pre_activations,
                         topk_codes)
-from saelab.topk import argpartition_topk, cpu_streams
+from saelab.topk import argpartition_topk, block_topk, cpu_streams
 
 ADAM_EPS = 1e-8
 _TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
@@ -114,33 +114,49 @@ def _decoder_key(consts: StepConsts) -> str:
     return "W_enc" if consts.tied else "W_dec"
 
 
+def _held(scalar: mx.array) -> mx.array:
+    """A scalar made by elementwise ops, kept out of the fused kernels that read it:
+    fused, it is recomputed (powers, sqrt and all) for every element, which made
+    the decoder's update 3.6x slower (benchmarks/README.md, "Step profile"). A
+    reshape does not fuse; per-row scalars are indexed ``[:, None]`` for the same reason."""
+    return scalar.reshape(1)
+
+
+def _clip(sq_norm: mx.array, consts: StepConsts) -> mx.array:
+    """The factor clipping a gradient of squared global norm ``sq_norm``."""
+    if consts.gradient_clip <= 0:
+        return mx.array(1.0)
+    return _held(mx.minimum(1.0, consts.gradient_clip / (mx.sqrt(sq_norm) + 1e-6)))
+
+
+def _adam(p: mx.array, m: mx.array, v: mx.array, g: mx.array, lr: mx.array, t: mx.array,
+          betas: tuple[float, float]) -> tuple[mx.array, mx.array, mx.array]:
+    """Bias-corrected Adam, mlx.optimizers.Adam's arithmetic: (p, m, v) after ``g``."""
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * mx.square(g)
+    c1, c2 = _held(lr / (1 - b1 ** t)), _held(mx.rsqrt(1 - b2 ** t))
+    return p - c1 * m / (mx.sqrt(v) * c2 + ADAM_EPS), m, v
+
+
+def _unit_rows(w: mx.array) -> mx.array:
+    return w / (mx.sqrt(mx.sum(mx.square(w), axis=1)) + 1.1920929e-07)[:, None]
+
+
 def _apply_update(state: dict, grads: dict, lr: mx.array, t: mx.array,
                   consts: StepConsts) -> dict:
-    """Shared by both steps: project out the decoder-parallel gradient, clip the
-    global norm, Adam (bias-corrected, mlx.optimizers.Adam's arithmetic),
-    renormalize decoder rows. Per-row scalars are indexed ``[:, None]`` rather
-    than kept 2-D: a [rows, 1] operand made by elementwise ops is fused into the
-    [rows, d] kernel and recomputed (sqrt and all) for every element. One stream:
-    running the decoder's and the encoder's updates on two CPU streams took more
-    CPU and wall time (benchmarks/README.md, "Step profile")."""
+    """The reference step's update (the fast step's splits it over two streams):
+    project out the decoder-parallel gradient, clip the global norm, Adam,
+    renormalize decoder rows."""
     params, dec = state["params"], _decoder_key(consts)
     w, g = params[dec], grads[dec]
     grads = {**grads, dec: g - mx.sum(g * w, axis=1)[:, None] * w}
-    if consts.gradient_clip > 0:
-        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for g in grads.values()))
-        clip = mx.minimum(1.0, consts.gradient_clip / (norm + 1e-6))
-        grads = {k: g * clip for k, g in grads.items()}
-    b1, b2 = consts.betas
-    c1 = lr / (1 - b1 ** t)
-    c2 = mx.rsqrt(1 - b2 ** t)
+    clip = _clip(sum(mx.sum(mx.square(g)) for g in grads.values()), consts)
     new = {"params": {}, "m": {}, "v": {}}
     for key, g in grads.items():
-        m = b1 * state["m"][key] + (1 - b1) * g
-        v = b2 * state["v"][key] + (1 - b2) * mx.square(g)
-        new["m"][key], new["v"][key] = m, v
-        new["params"][key] = params[key] - c1 * m / (mx.sqrt(v) * c2 + ADAM_EPS)
-    w = new["params"][dec]
-    new["params"][dec] = w / (mx.sqrt(mx.sum(mx.square(w), axis=1)) + 1.1920929e-07)[:, None]
+        new["params"][key], new["m"][key], new["v"][key] = _adam(
+            params[key], state["m"][key], state["v"][key], g * clip, lr, t, consts.betas)
+    new["params"][dec] = _unit_rows(new["params"][dec])
     return new
 
 
@@ -206,9 +222,8 @@ def _weight_grads(pairs: _Pairs, xc: mx.array, g_out: mx.array, h: int, mode: st
                   ) -> tuple[mx.array, mx.array]:
     """(encoder, decoder) weight gradients: ``enc[l] = sum g_pre * xc[token]`` and
     ``dec[l] = sum codes * g_out[row]`` over the pairs at latent l. ``segment``
-    sorts the pairs by latent once for both and runs the two segment-sums on
-    the two CPU streams; ``dense`` multiplies scattered [tokens, latents] codes
-    (BLAS, both cores)."""
+    sorts the pairs by latent once for both; ``dense`` multiplies scattered
+    [tokens, latents] codes (BLAS)."""
     n, kk = pairs.idx.shape
     if mode == "dense":
         tok = mx.arange(n)[:, None]
@@ -220,95 +235,164 @@ def _weight_grads(pairs: _Pairs, xc: mx.array, g_out: mx.array, h: int, mode: st
     counts = mx.zeros((h,), mx.int32).at[flat].add(1)
     ends = mx.cumsum(counts)
     segments = mx.stack([ends - counts, ends], axis=-1).astype(mx.uint32)
-    enc_stream, dec_stream = cpu_streams()
-    with mx.stream(enc_stream):
-        enc = mx.segmented_mm(pairs.g_pre.reshape(-1)[order][None], xc[order // kk], segments)
-    with mx.stream(dec_stream):
-        dec = mx.segmented_mm(pairs.codes.reshape(-1)[order][None], g_out[row[order]], segments)
+    enc = mx.segmented_mm(pairs.g_pre.reshape(-1)[order][None], xc[order // kk], segments)
+    dec = mx.segmented_mm(pairs.codes.reshape(-1)[order][None], g_out[row[order]], segments)
     return enc.reshape(h, -1), dec.reshape(h, -1)
-
-
-def _by_halves(fn, *arrays: mx.array) -> tuple[mx.array, ...]:
-    """``fn`` over the two token halves of ``arrays`` on the two CPU streams; its
-    outputs are joined along the token axis."""
-    n = arrays[0].shape[0]
-    parts = []
-    for s, rows in zip(cpu_streams(), (slice(0, n // 2), slice(n // 2, n)), strict=True):
-        with mx.stream(s):
-            parts.append(fn(*(a[rows] for a in arrays)))
-    return tuple(mx.concatenate(halves, axis=0) for halves in zip(*parts, strict=True))
 
 
 def _decode_residual(w_dec: mx.array, values: mx.array, idx: mx.array, offset: mx.array,
                      coef: mx.array) -> tuple[mx.array, ...]:
-    """(resid, g_out, g_values), token halves on the two CPU streams: ``resid =
-    decode + offset``, the loss ``coef / 2 * |resid|^2``'s gradient ``g_out = coef *
-    resid`` w.r.t. the decode, and ``g_values`` w.r.t. the codes."""
-    def half(v_h, idx_h, offset_h):
-        resid = decode_codes(w_dec, v_h, idx_h) + offset_h
-        g_out = coef * resid
-        return resid, g_out, decode_codes_vjp(w_dec, idx_h, g_out)
-    return _by_halves(half, values, idx, offset)
+    """(resid, g_out, g_values): ``resid = decode + offset``, the loss ``coef / 2 *
+    |resid|^2``'s gradient ``g_out = coef * resid`` w.r.t. the decode, and
+    ``g_values`` w.r.t. the codes."""
+    resid = decode_codes(w_dec, values, idx) + offset
+    g_out = coef * resid
+    return resid, g_out, decode_codes_vjp(w_dec, idx, g_out)
 
 
-def _fast_grads(p: dict, x: mx.array, tsf: mx.array, aux_width: int, consts: StepConsts):
-    """Hand-written gradients of the loss (see module docstring)."""
-    n, h, k = x.shape[0], consts.d_hidden, consts.k
-    w_dec, b_dec = p[_decoder_key(consts)], p["b_dec"]
-    xc = x - b_dec
+class _Partial(NamedTuple):
+    """One token slice's share of a step: gradient and metric sums over its tokens."""
+
+    g_wenc: mx.array
+    """[latents, d_model] encoder weight gradient."""
+    g_wdec: mx.array
+    """[latents, d_model] decoder weight gradient (before the row projection)."""
+    g_benc: mx.array
+    """[latents] encoder bias gradient."""
+    g_bdec: mx.array
+    """Column sum of the reconstruction gradient (b_dec's gradient before the
+    encoder-bias term)."""
+    proj: mx.array
+    """[latents] sum of codes x code gradients: the decoder gradient's component
+    along each (unit) decoder row, summed without forming the gradient."""
+    fired: mx.array
+    """[latents] number of nonzero codes."""
+    sums: mx.array
+    """[4]: squared residual, squared AuxK error (unscaled), codes, nonzero codes."""
+
+
+def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.array,
+                 aux_width: int, consts: StepConsts) -> _Partial:
+    """Hand-written gradients (see module docstring) over one slice of the batch's
+    tokens: everything up to the update is a sum over tokens, so the two halves
+    of a batch run on the two CPU streams, each from its own encoder matmul."""
+    h, k = consts.d_hidden, consts.k
+    w_dec = p[_decoder_key(consts)]
+    xc = x - p["b_dec"]
     pre = pre_activations(p, x)
-    codes = topk_codes(pre, k)
+    codes = topk_codes(pre, k, select=block_topk)
     idx, v = codes.indices, codes.values
-    tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
     r, g_r, g_v = _decode_residual(w_dec, v, idx, -xc, 2 / tv)  # r = recon - x
-    fvu = mx.sum(mx.square(r)) / tv
-    l1 = mx.sum(v) / n
-    g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient / n, 0)
-    pairs, g_out = _pairs(idx, v, g_pre, k), g_r
-    auxk = mx.array(0.0)
+    g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient * inv_n, 0)
+    pairs, g_out, g_codes = _pairs(idx, v, g_pre, k), g_r, g_v
+    aux_sq = mx.array(0.0)
     if aux_width:
         dead = tsf > consts.dead_threshold
         scale = mx.minimum(mx.sum(dead).astype(mx.float32) / consts.k_aux, 1.0)
-        aux = topk_codes(mx.where(dead, pre, -mx.inf), aux_width)  # -inf where alive -> code 0
+        aux = topk_codes(mx.where(dead, pre, -mx.inf), aux_width, select=block_topk)
         coef = 2 * consts.auxk_coefficient * scale / tv
         # e = e_hat - (x - recon): AuxK's decode of the dead latents against the residual
         e, g_e, g_av = _decode_residual(w_dec, aux.values, aux.indices, r, coef)
-        auxk = scale * mx.sum(mx.square(e)) / tv
+        aux_sq = mx.sum(mx.square(e))
         pairs = _pairs(mx.concatenate([idx, aux.indices], axis=1),
                        mx.concatenate([v, aux.values], axis=1),
                        mx.concatenate([g_pre, mx.where(aux.selected > 0, g_av, 0)], axis=1), k)
-        g_out = mx.concatenate([g_r, g_e], axis=0)
+        g_out, g_codes = mx.concatenate([g_r, g_e], axis=0), mx.concatenate([g_v, g_av], axis=1)
     mode = consts.grad_mode or choose_grad_mode(pairs.idx.shape[1], h)
     g_wenc, g_wdec = _weight_grads(pairs, xc, g_out, h, mode)
-    g_benc = mx.zeros((h,)).at[pairs.idx.reshape(-1)].add(pairs.g_pre.reshape(-1))
-    grads = {"W_enc": g_wenc, "b_enc": g_benc, "b_dec": mx.sum(g_r, axis=0) - g_benc @ p["W_enc"]}
-    if consts.tied:
-        grads["W_enc"] = g_wenc + g_wdec
-    else:
-        grads["W_dec"] = g_wdec
-    loss = fvu + consts.auxk_coefficient * auxk + consts.l1_coefficient * l1
-    return grads, codes, dict(loss=loss, fvu=fvu, auxk=auxk, l1=l1, l0=mx.sum(v > 0) / n)
+    flat = pairs.idx.reshape(-1)
+    return _Partial(g_wenc, g_wdec, mx.zeros((h,)).at[flat].add(pairs.g_pre.reshape(-1)),
+                    mx.sum(g_r, axis=0),
+                    mx.zeros((h,)).at[flat].add((pairs.codes * g_codes).reshape(-1)),
+                    mx.zeros((h,), mx.int32).at[idx.reshape(-1)].add(
+                        (v > 0).reshape(-1).astype(mx.int32)),
+                    mx.stack([mx.sum(mx.square(r)), aux_sq, mx.sum(v),
+                              mx.sum(v > 0).astype(mx.float32)]))
+
+
+def _enc_grads(p: dict, a: _Partial, b: _Partial) -> tuple[dict, mx.array]:
+    """The encoder's and biases' gradients from the two halves, and their squared norm."""
+    g_benc = a.g_benc + b.g_benc
+    g = {"W_enc": a.g_wenc + b.g_wenc, "b_enc": g_benc,
+         "b_dec": a.g_bdec + b.g_bdec - g_benc @ p["W_enc"]}
+    return g, sum(mx.sum(mx.square(x)) for x in g.values())
+
+
+def _dec_grad(w: mx.array, a: _Partial, b: _Partial) -> tuple[mx.array, mx.array]:
+    """The decoder's gradient without its row-parallel part, and its squared norm."""
+    g = a.g_wdec + b.g_wdec - (a.proj + b.proj)[:, None] * w
+    return g, mx.sum(mx.square(g))
+
+
+def _enc_update(state: dict, g: dict, sq_norm: mx.array, lr: mx.array, t: mx.array,
+                consts: StepConsts) -> dict:
+    clip = _clip(sq_norm, consts)
+    return {key: _adam(state["params"][key], state["m"][key], state["v"][key], gk * clip,
+                       lr, t, consts.betas) for key, gk in g.items()}
+
+
+def _dec_update(state: dict, g: mx.array, sq_norm: mx.array, lr: mx.array, t: mx.array,
+                consts: StepConsts) -> tuple[mx.array, mx.array, mx.array]:
+    w, m, v = _adam(state["params"]["W_dec"], state["m"]["W_dec"], state["v"]["W_dec"],
+                    g * _clip(sq_norm, consts), lr, t, consts.betas)
+    return _unit_rows(w), m, v
 
 
 def make_fast_step(consts: StepConsts):
-    """The compiled fast step, with the reference step's signature minus consts.
-    One compiled graph per AuxK width bucket (see StepConsts.aux_width)."""
-    compiled: dict[int, object] = {}
+    """The fast step, with the reference step's signature minus consts. Each piece is
+    compiled on its own and placed on a stream here: inside one ``mx.compile`` the
+    graph's shared constants join the two streams' work and they run one after the
+    other (benchmarks/README.md, "Step profile"). One compiled half-step per AuxK
+    width bucket (see StepConsts.aux_width)."""
+    s_enc, s_dec = cpu_streams()
+    halves: dict[int, object] = {}
+    enc_grads, dec_grad = mx.compile(_enc_grads), mx.compile(_dec_grad)
+    enc_update = mx.compile(lambda *a: _enc_update(*a, consts))
+    dec_update = mx.compile(lambda *a: _dec_update(*a, consts))
 
-    def build(aux_width: int):
-        def step(state, x, lr, t):
-            grads, codes, metrics = _fast_grads(state["params"], x, state["tsf"], aux_width,
-                                                consts)
-            new = _apply_update(state, grads, lr, t, consts)
-            new["tsf"] = _fired_tsf(state["tsf"], codes.indices, codes.values)
-            dead = mx.sum(new["tsf"] > consts.dead_threshold)
-            return new, StepMetrics.pack(**metrics, dead=dead)
-        return mx.compile(step)
+    @mx.compile
+    def tied_update(state, a, b, lr, t):
+        g, _ = _enc_grads(state["params"], a, b)
+        g["W_enc"] = g["W_enc"] + a.g_wdec + b.g_wdec
+        return _apply_update(state, g, lr, t, consts)
+
+    @mx.compile
+    def finish(tsf, a, b, tv, n):
+        """tokens-since-fired and the packed metrics."""
+        sq_r, sq_e, sum_v, nonzero = a.sums + b.sums
+        scale = mx.minimum(mx.sum(tsf > consts.dead_threshold) / max(consts.k_aux, 1), 1.0)
+        tsf = mx.where(a.fired + b.fired > 0, 0, mx.minimum(tsf + n, _TSF_CAP))
+        fvu, auxk, l1 = sq_r / tv, scale * sq_e / tv, sum_v / n
+        loss = fvu + consts.auxk_coefficient * auxk + consts.l1_coefficient * l1
+        return tsf, StepMetrics.pack(loss=loss, fvu=fvu, auxk=auxk, l1=l1, l0=nonzero / n,
+                                     dead=mx.sum(tsf > consts.dead_threshold))
 
     def fast_step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead: int):
         width = consts.aux_width(num_dead)
-        if width not in compiled:
-            compiled[width] = build(width)
-        return compiled[width](state, x, lr, t)
+        if width not in halves:
+            halves[width] = mx.compile(
+                lambda p, xs, tv, inv_n, tsf: _slice_grads(p, xs, tv, inv_n, tsf, width, consts))
+        n, p, tsf = x.shape[0], state["params"], state["tsf"]
+        tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
+        inv_n = mx.array(1 / n, mx.float32)
+        parts = []
+        for s, rows in ((s_enc, slice(0, n // 2)), (s_dec, slice(n // 2, n))):
+            with mx.stream(s):
+                parts.append(halves[width](p, x[rows], tv, inv_n, tsf))
+        a, b = parts
+        new = {"params": {}, "m": {}, "v": {}}
+        with mx.stream(s_enc):
+            new["tsf"], metrics = finish(tsf, a, b, tv, mx.array(n, mx.float32))
+            if consts.tied:
+                return {**tied_update(state, a, b, lr, t), "tsf": new["tsf"]}, metrics
+            g_enc, sq_enc = enc_grads(p, a, b)
+        with mx.stream(s_dec):
+            g_dec, sq_dec = dec_grad(p["W_dec"], a, b)
+            updated = {"W_dec": dec_update(state, g_dec, sq_dec + sq_enc, lr, t)}
+        with mx.stream(s_enc):
+            updated |= enc_update(state, g_enc, sq_enc + sq_dec, lr, t)
+        for key, (pk, mk, vk) in updated.items():
+            new["params"][key], new["m"][key], new["v"][key] = pk, mk, vk
+        return new, metrics
 
     return fast_step

@@ -188,9 +188,9 @@ class SAEConfig:
     """A latent is dead if it has not fired in this many training tokens."""
 
     resample_every: Optional[int] = None
-    """Resample dead latents every this many steps, during the first half of the
-    run (Towards Monosemanticity: toward inputs drawn by squared loss, Adam
-    moments reset); None: never. Works beside or instead of ``auxk``."""
+    """Resample dead latents every this many steps, except in the last this many
+    steps of the run (Towards Monosemanticity: toward inputs drawn by squared loss,
+    Adam moments reset); None: never. Works beside or instead of ``auxk``."""
 
     b_dec_init: str = "geometric_median"
     """Pre-encoder bias initialization: ``geometric_median``, ``mean`` or ``zeros``."""
@@ -209,7 +209,8 @@ class SAEConfig:
     """When to splice the SAE into the model and score next-token prediction on
     held-out sequences (``val/ce_loss_clean|spliced|ablated``, ``val/delta_lm_loss``,
     ``val/ce_loss_score``, ``val/kl_div``; ``saelab.evals``): ``end`` (once, after
-    training) or ``off``."""
+    training), ``every`` (at every evaluation, logged with its step; the last one
+    is the final value) or ``off``."""
 
     downstream_sequences: int = 4
     """Held-out sequences (of ``data.context_length`` tokens, from the validation
@@ -273,8 +274,8 @@ class SAEConfig:
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         _check(self.eval_every is None or self.eval_every >= 1, "eval_every", self.eval_every,
                ">= 1 or None")
-        _check(self.downstream_eval in ("end", "off"), "downstream_eval", self.downstream_eval,
-               "end, off")
+        _check(self.downstream_eval in ("end", "every", "off"), "downstream_eval",
+               self.downstream_eval, "end, every, off")
         _check(self.downstream_sequences >= 1, "downstream_sequences",
                self.downstream_sequences, "an integer >= 1")
 

@@ -355,34 +355,42 @@ class _HeldEnd:
 
 
 class TrialDownstream:
-    """A trial's end-of-training downstream evaluation (``sae.downstream_eval=end``):
-    ``hold(callbacks)`` delays their ``on_end`` so W&B and the study see the final
-    metrics with the downstream ones, which ``finish(sae, metrics)`` adds."""
+    """A trial's downstream evaluation: at the end (``sae.downstream_eval=end``) or at
+    every evaluation (``every``: ``evaluate`` is the trainer's ``eval_hook``, so the
+    last evaluation's metrics are the final ones). ``hold(callbacks)`` delays their
+    ``on_end`` so W&B and the study see the final metrics with the downstream ones,
+    which ``finish(sae, metrics)`` adds (with ``time/downstream_s``, all evaluations)."""
 
     def __init__(self, cfg: Any, entry: Any, texts: list[str] | None, model: Any):
         self.cfg, self.entry, self.texts, self.model = cfg, entry, texts, model
         self.held: list[_HeldEnd] = []
+        self.seconds = 0.0
 
     def hold(self, callbacks: list[Any]) -> list[Any]:
         self.held = [_HeldEnd(cb) for cb in callbacks]
         return self.held
 
-    def finish(self, sae: Any, metrics: dict[str, float]) -> dict[str, float]:
+    def evaluate(self, sae: Any) -> dict[str, float]:
         from saelab.trace import shared_model
 
-        cfg = self.cfg
-        t0 = time.perf_counter()
+        cfg, t0 = self.cfg, time.perf_counter()
+        model = self.model or shared_model(cfg.model)
+        metrics = entry_downstream(
+            self.entry, cfg.data, model, sae, layer=cfg.layer, component=cfg.component,
+            n_sequences=cfg.sae.downstream_sequences, validation_split=cfg.sae.validation_split,
+            seed=cfg.data.split_seed, texts=self.texts)
+        self.seconds += time.perf_counter() - t0
+        return metrics
+
+    def finish(self, sae: Any, metrics: dict[str, float]) -> dict[str, float]:
         try:
-            model = self.model or shared_model(cfg.model)
-            metrics = {**metrics, **entry_downstream(
-                self.entry, cfg.data, model, sae, layer=cfg.layer, component=cfg.component,
-                n_sequences=cfg.sae.downstream_sequences,
-                validation_split=cfg.sae.validation_split, seed=cfg.data.split_seed,
-                texts=self.texts), "time/downstream_s": time.perf_counter() - t0}
+            if self.cfg.sae.downstream_eval != "every":  # else: in the last evaluation's
+                metrics = {**metrics, **self.evaluate(sae)}
         except BaseException as e:
             for h in self.held:
                 h.on_abort(f"downstream evaluation failed: {type(e).__name__}: {e}")
             raise
+        metrics = {**metrics, "time/downstream_s": self.seconds}
         sae.update_metadata(metrics=metrics)
         for h in self.held:
             h.cb.on_end(metrics)

@@ -12,7 +12,8 @@ Metrics (averaged over the ``log_every`` window unless said):
 ``train/l1_loss`` (mean over tokens of the sum of codes), ``train/l0``,
 ``train/dead_fraction`` (now: latents not fired in the last
 ``dead_tokens_threshold`` training tokens), ``train/learning_rate`` (now),
-``train/tokens``. Validation over every validation token: ``val/mse`` (raw
+``train/tokens``, ``train/resampled`` (with ``resample_every``: latents
+re-initialized in the window). Validation over every validation token: ``val/mse`` (raw
 units, per element), ``val/nmse`` (squared error / squared deviation from the
 validation mean, i.e. fraction of variance unexplained), ``val/nmse_p99``
 (the same over the 99% of tokens with the lowest norm, re-centred),
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -283,9 +284,15 @@ def _check_inputs(train: np.ndarray, val: np.ndarray, cfg: SAEConfig) -> None:
 
 def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAEConfig, *,
                         metadata: dict, callbacks: Sequence[Callback] = (),
-                        progress: bool = True) -> tuple[SAE, dict]:
+                        progress: bool = True,
+                        eval_hook: Callable[[SAE], dict] | None = None) -> tuple[SAE, dict]:
     """Train an SAE on ``train`` [N, d] (an array, or ``saelab.batches.EntryRows``: a
     cache entry read out of core), validate on ``val`` (in RAM).
+
+    ``eval_hook(sae)`` (the SAE holding the current weights) returns more metrics for
+    each evaluation, merged before the ``on_eval`` callbacks see them (the downstream
+    metrics of ``sae.downstream_eval=every``); its time is left out of
+    ``train/tokens_per_second``.
 
     Returns the SAE (metadata filled in: training tokens, steps, final
     metrics, config) and the final metrics."""
@@ -311,7 +318,8 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
     for cb in callbacks:
         cb.on_start(run_config)
 
-    window, num_dead, last_val = np.zeros(len(TRAIN_METRICS)), 0, {}
+    window, num_dead, last_val, hook_s = np.zeros(len(TRAIN_METRICS)), 0, {}, 0.0
+    reborn_in_window = 0
     bar = tqdm(total=total, desc="Training", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -335,15 +343,22 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
             num_dead = int(got.dead)
             bar.update(1)
             done = step + 1
-            if cfg.resample_every and done % cfg.resample_every == 0 and 2 * done <= total:
+            # until the last resample_every steps: a reborn latent then has as many steps to
+            # train as a dead one had to die (on the reference recipe no latent was dead in
+            # the first 225 of 977 steps, and a first-half-only rule never fired)
+            if cfg.resample_every and done % cfg.resample_every == 0 and \
+                    done + cfg.resample_every <= total:
                 state, reborn = _resample(state, train, scale, cfg, done)
                 num_dead -= len(reborn)
+                reborn_in_window += len(reborn)
             if done % cfg.log_every == 0 or done == total:
                 count = (done - 1) % cfg.log_every + 1
                 metrics = dict(zip(TRAIN_METRICS.values(), (window / count).tolist()))
                 metrics |= {"train/dead_fraction": num_dead / sae.d_hidden,
                             "train/learning_rate": float(lrs[step]),
                             "train/tokens": done * cfg.batch_size}
+                if cfg.resample_every:
+                    metrics["train/resampled"], reborn_in_window = reborn_in_window, 0
                 window[:] = 0
                 bar.set_postfix_str(f"loss={metrics['train/loss']:.3f}, "
                                     f"l0={metrics['train/l0']:.1f}, "
@@ -354,6 +369,11 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
                 last_val = validate(state["params"], cfg.k, cfg.l1_coefficient)
                 if not math.isfinite(last_val["val/nmse"]):
                     raise TrainingDiverged(f"val/nmse became {last_val['val/nmse']} at step {done}")
+                if eval_hook is not None:
+                    t_hook = time.perf_counter()
+                    sae.update(state["params"])
+                    last_val = {**last_val, **eval_hook(sae)}
+                    hook_s += time.perf_counter() - t_hook
                 for cb in callbacks:
                     cb.on_eval(done, last_val)
     except BaseException as e:
@@ -363,7 +383,7 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
         raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - hook_s
     final = {**last_val, **metrics, "train/steps": total,
              "train/tokens_per_second": total * cfg.batch_size / seconds}
     sae.update(state["params"])

@@ -119,8 +119,9 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
         cbs = downstream.hold(cbs)
 
     try:
+        every = downstream.evaluate if cfg.sae.downstream_eval == "every" else None
         sae, metrics = train_sae_on_arrays(train, val, cfg.sae, metadata=metadata,
-                                           callbacks=cbs, progress=progress)
+                                           callbacks=cbs, progress=progress, eval_hook=every)
         if downstream is not None:
             metrics = downstream.finish(sae, metrics)
     except BaseException as e:  # a stopped/failed trial still points at its W&B run

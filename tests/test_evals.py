@@ -196,3 +196,42 @@ def test_downstream_sweep_composes():
     assert trial_from_dict(task).sae.downstream_eval == "end"
     space = parse_search_space(study.params, [])
     assert validate_search_space(task, space, groups=["model", "sae"]) >= 2
+
+
+class Evals(Ends):
+    def __init__(self):
+        super().__init__()
+        self.evals = []
+
+    def on_eval(self, step, metrics):
+        self.evals.append((step, dict(metrics)))
+
+
+def test_downstream_at_every_evaluation(model, tmp_path, monkeypatch):
+    from wandb_offline import read_run
+
+    monkeypatch.setenv("SAELAB_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    texts = load_texts(DataConfig())[:40]
+    cfg = SAEConfig(expansion_factor=2, k=8, num_epochs=1, batch_size=256, eval_every=4,
+                    downstream_sequences=1, downstream_eval="every", use_wandb=True)
+    rec = Evals()
+    sae = model.train_sae(layer=1, dataset=texts, config=cfg, max_tokens=3000, context_length=64,
+                          callbacks=[rec])
+    steps = [s for s, _ in rec.evals]
+    assert len(steps) >= 3 and steps[-1] == sae.metadata["training_steps"]
+    for _, m in rec.evals:  # each evaluation has its own downstream metrics
+        assert set(DOWNSTREAM_METRICS) <= set(m)
+        assert m["val/delta_lm_loss"] == pytest.approx(m["val/ce_loss_spliced"]
+                                                       - m["val/ce_loss_clean"])
+    assert len({m["val/ce_loss_spliced"] for _, m in rec.evals}) == len(steps)  # weights moved
+    assert len({m["val/ce_loss_clean"] for _, m in rec.evals}) == 1
+    final = sae.metadata["metrics"]
+    assert rec.final == final
+    for k in DOWNSTREAM_METRICS:  # the final values are the last evaluation's, not recomputed
+        assert final[k] == rec.evals[-1][1][k], k
+    assert final["time/downstream_s"] > 0
+    run = read_run(next((tmp_path / "outputs" / "wandb").glob("offline-run-*")))
+    logged = {h["_step"]: h["val/ce_loss_score"] for h in run["history"]
+              if "val/ce_loss_score" in h}
+    assert logged == pytest.approx({s: m["val/ce_loss_score"] for s, m in rec.evals})

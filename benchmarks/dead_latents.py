@@ -1,0 +1,95 @@
+"""Dead-latent strategies at equal tokens on the quality recipe: AuxK (the default),
+resampling (``sae.resample_every``), both, and neither. One JSON line.
+
+Each variant is the config ``saelab train`` composes from ``train=reference
+data.max_tokens=400000 sae.lr_decay=constant`` plus the variant's overrides (the
+quality recipe: SmolLM2 layer-10 MLP, pydocs corpus, 400k captured tokens, expansion
+16, k 32, batch 1024, lr 1e-3, 1M token-steps, rate constant after warm-up;
+downstream metrics at the end on the default held-out sequences), run by
+``saelab.trial.run_trial``; the ``auxk`` variant is that config unchanged.
+
+    python benchmarks/dead_latents.py [--variants auxk,resample,neither] [--out DIR]
+
+Per variant: validation nMSE (all tokens, lowest-norm 99%), ``val/dead_fraction``
+(latents that never fire on the validation tokens), the training dead fraction
+(latents not fired in the last ``dead_tokens_threshold`` tokens) at the end and at
+its peak, latents re-initialized by resampling, and the downstream metrics.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+
+import saelab  # noqa: F401  (fast path before mlx.core)
+from saelab.accel import STATE
+from saelab.evals import DOWNSTREAM_METRICS
+from saelab.trial import run_trial
+
+RECIPE = ["train=reference", "data.max_tokens=400000", "sae.lr_decay=constant", "layer=10",
+          "component=mlp", "sae.expansion_factor=16", "sae.k=32"]
+VARIANTS = {
+    "auxk": [],
+    "resample": ["sae.auxk=false", "sae.resample_every=100"],
+    "auxk_resample": ["sae.resample_every=100"],
+    "neither": ["sae.auxk=false"],
+}
+
+
+def compose_trial(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saelab.configs import conf_dir, register_configs, trial_from_dict
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return trial_from_dict(OmegaConf.to_container(
+            compose(config_name="config", overrides=overrides), resolve=True))
+
+
+class DeadCurve:
+    """The training dead fraction at each log and the latents resampled in all."""
+
+    def __init__(self) -> None:
+        self.dead: list[float] = []
+        self.resampled = 0
+
+    def on_start(self, config: dict) -> None: ...
+    def on_eval(self, step: int, metrics: dict) -> None: ...
+    def on_end(self, metrics: dict) -> None: ...
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        self.dead.append(metrics["train/dead_fraction"])
+        self.resampled += int(metrics.get("train/resampled", 0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="auxk,resample,neither")
+    ap.add_argument("--out", default=None, help="keep each variant's SAE in DIR/<variant>")
+    args = ap.parse_args()
+    out = {"benchmark": "dead_latents", "blas": STATE.blas, "recipe": RECIPE}
+    for name in args.variants.split(","):
+        cfg = compose_trial(RECIPE + VARIANTS[name])
+        curve, t = DeadCurve(), time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            where = f"{args.out}/{name}" if args.out else tmp
+            m = run_trial(cfg, [curve], output_dir=where, progress=False).metrics
+        out[name] = {
+            "nmse": round(m["val/nmse"], 4), "nmse_p99": round(m["val/nmse_p99"], 4),
+            "val_dead_fraction": round(m["val/dead_fraction"], 5),
+            "train_dead_fraction": round(curve.dead[-1], 5),
+            "train_dead_fraction_max": round(max(curve.dead), 5),
+            "resampled": curve.resampled,
+            **{k.removeprefix("val/"): round(m[k], 5) for k in DOWNSTREAM_METRICS},
+            "train_tokens_per_s": round(m["time/tokens_per_s"]),
+            "downstream_s": round(m["time/downstream_s"], 1),
+            "train_tokens": m["train/tokens"], "config": VARIANTS[name],
+            "wall_s": round(time.perf_counter() - t, 1)}
+        print(json.dumps({name: out[name]}), flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

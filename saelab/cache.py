@@ -261,31 +261,21 @@ def _streams() -> list[Any]:
 
 def _capture_block(model: Any, block: Any, builders: list[EntryBuilder], names: list[str],
                    j: int, batch_size: int) -> None:
-    """Shard ``j`` of every builder from one block of packed sequences."""
-    import mlx.core as mx
-
+    """Shard ``j`` of every builder from one block of packed sequences. Each batch's
+    forward is queued (``mx.async_eval``) before the previous batch's activations are
+    copied out and written, so the streams never wait on that host work."""
     streams = _streams()
     writers = [b.writer(j) for b in builders]
     try:
         with _blas_threads(1 if len(streams) > 1 else None):
+            pending = None
             for s in range(0, len(block.tokens), batch_size):
-                tokens, mask = block.tokens[s:s + batch_size], block.mask[s:s + batch_size]
-                acts: list[list[Any]] = [[] for _ in names]
-                for part, stream in zip(np.array_split(np.arange(len(tokens)), len(streams)),
-                                        streams, strict=True):
-                    if not len(part):
-                        continue
-                    with mx.stream(stream):  # lazy: only the layers read are computed
-                        tr = model.trace(mx.array(tokens[part[0]:part[-1] + 1]))
-                        for a, name in zip(acts, names, strict=True):
-                            a.append(tr.activations[name].astype(mx.float16))
-                mx.eval(acts)  # every stream at once
-                for a, name, w in zip(acts, names, writers, strict=True):
-                    act = np.concatenate([np.asarray(x) for x in a])[mask]
-                    if not np.isfinite(act).all():  # a float16 overflow would poison training
-                        raise RuntimeError(f"{name}: activations are not finite in float16 "
-                                           "storage (an overflow in the cast)")
-                    w.write(act)
+                acts = _launch(model, block.tokens[s:s + batch_size], names, streams)
+                if pending is not None:
+                    _write(*pending, names, writers)
+                pending = acts, block.mask[s:s + batch_size]
+            if pending is not None:
+                _write(*pending, names, writers)
         for b, w in zip(builders, writers, strict=True):
             b.record(j, w.close())
             STATS.shards_written += 1
@@ -293,3 +283,33 @@ def _capture_block(model: Any, block: Any, builders: list[EntryBuilder], names: 
         for w in writers:
             w.abort()
         raise
+
+
+def _launch(model: Any, tokens: np.ndarray, names: list[str], streams: list[Any]
+            ) -> list[list[Any]]:
+    """Queue the forward of ``tokens`` as one slice per stream: per name, the float16
+    activations of each slice (being computed)."""
+    import mlx.core as mx
+
+    acts: list[list[Any]] = [[] for _ in names]
+    for part, stream in zip(np.array_split(np.arange(len(tokens)), len(streams)), streams,
+                            strict=True):
+        if not len(part):
+            continue
+        with mx.stream(stream):  # lazy: only the layers read are computed
+            tr = model.trace(mx.array(tokens[part[0]:part[-1] + 1]))
+            for a, name in zip(acts, names, strict=True):
+                a.append(tr.activations[name].astype(mx.float16))
+    mx.async_eval(acts)  # every stream at once
+    return acts
+
+
+def _write(acts: list[list[Any]], mask: np.ndarray, names: list[str], writers: list[Any]
+           ) -> None:
+    """Each name's activations at the unmasked tokens, to its shard writer."""
+    for a, name, w in zip(acts, names, writers, strict=True):
+        act = np.concatenate([np.asarray(x) for x in a])[mask]  # waits for the forward
+        if not np.isfinite(act).all():  # a float16 overflow would poison training
+            raise RuntimeError(f"{name}: activations are not finite in float16 "
+                               "storage (an overflow in the cast)")
+        w.write(act)

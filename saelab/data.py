@@ -229,9 +229,13 @@ def _doc_order(texts: Iterable[str]) -> Iterator[tuple[int, str]]:
 
 
 def _pieces(hf: Any, texts: Iterable[str], body: int, batch_docs: int):
-    """(doc index, up to ``body`` of its tokens), in ``_doc_order``, tokenized in batches."""
+    """(doc index, up to ``body`` of its tokens), in ``_doc_order``, tokenized in batches
+    of 8 documents doubling up to ``batch_docs``: a small token budget tokenizes little
+    more than it packs (one batch of 256 pydocs documents is ~140k tokens)."""
     order = _doc_order(texts)
-    while batch := list(itertools.islice(order, batch_docs)):
+    size = min(8, batch_docs)
+    while batch := list(itertools.islice(order, size)):
+        size = min(2 * size, batch_docs)
         encoded = hf([t for _, t in batch], add_special_tokens=False)["input_ids"]
         for (doc, _), toks in zip(batch, encoded, strict=True):
             toks = np.asarray(toks, dtype=np.int32)

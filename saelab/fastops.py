@@ -38,9 +38,10 @@ def exp_poly(x: mx.array) -> mx.array:
     x = mx.clip(x, -127 * 0.6931471805599453, 126 * 0.6931471805599453)
     n = (x * _LOG2E + _ROUND) - _ROUND  # round to nearest in float adds: floor() is a libm call
     r = (x - n * _LN2_HI) - n * _LN2_LO
-    p = _EXP[-1]
-    for c in reversed(_EXP[:-1]):
-        p = p * r + c
+    r2 = r * r
+    c = _EXP  # Estrin's scheme: a Horner chain's 14 dependent steps stalled the loop
+    p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) \
+        + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
     return p * mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)
 
 
@@ -58,6 +59,9 @@ def _softmax(scores: mx.array, mask: mx.array) -> mx.array:
 
 
 _CAUSAL: dict[int, mx.array] = {}
+QUERY_BLOCK = 32
+"""Causal attention runs per block of this many query rows against only the keys up to
+the block's end: at 128 tokens, 4 blocks compute 62.5% of the scores and their ``exp``."""
 
 
 def sdpa(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
@@ -73,15 +77,26 @@ def sdpa(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale:
             or queries.dtype != mx.float32:
         return scaled_dot_product_attention(queries, keys, values, cache, scale=scale,
                                             mask=mask, sinks=sinks)
+    g = h // kv
+    q = (queries * scale).reshape(b, kv, g, n, d)  # query heads grouped by their kv head
     if mask is None:
-        causal = mx.zeros((n, s))
-    else:
-        if n not in _CAUSAL:
-            _CAUSAL[n] = mx.triu(mx.full((n, n), -mx.inf), k=1)
-        causal = _CAUSAL[n]
-    q = (queries * scale).reshape(b, kv, (h // kv) * n, d)  # query heads grouped by kv head
-    p = _softmax((q @ keys.swapaxes(-1, -2)).reshape(b, h, n, s), causal)
-    return (p.reshape(b, kv, (h // kv) * n, s) @ values).reshape(b, h, n, d)
+        return _attend(q, keys, values, mx.array(0.0)).reshape(b, h, n, d)
+    if n not in _CAUSAL:
+        _CAUSAL[n] = mx.triu(mx.full((n, n), -mx.inf), k=1)
+    step = max(QUERY_BLOCK, -(-n // 4))  # at most 4 blocks: each is a few more kernels
+    out = [_attend(q[:, :, :, a:a + step], keys[:, :, :a + step], values[:, :, :a + step],
+                   _CAUSAL[n][a:a + step, :a + step]) for a in range(0, n, step)]
+    return mx.concatenate(out, axis=3).reshape(b, h, n, d)
+
+
+def _attend(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array) -> mx.array:
+    """softmax(q k^T + mask) v for q [b, kv, g, m, d] (already scaled) against keys and
+    values [b, kv, s, d]: each kv head's g query heads as one matmul."""
+    b, kv, g, m, d = q.shape
+    s = keys.shape[2]
+    scores = (q.reshape(b, kv, g * m, d) @ keys.swapaxes(-1, -2)).reshape(b, kv, g, m, s)
+    p = _softmax(scores, mask).reshape(b, kv, g * m, s)
+    return (p @ values).reshape(b, kv, g, m, d)
 
 
 def fast_forward(cls: type) -> Callable:

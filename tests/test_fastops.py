@@ -36,9 +36,10 @@ def test_swiglu_matches_mlx_lm():
 
 @pytest.mark.parametrize("mask", ["causal", None])
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4)])  # grouped-query and plain heads
-def test_sdpa_matches_mlx_lm(mask, heads):
+@pytest.mark.parametrize("n", [19, 100])  # one query block; four, the last one short
+def test_sdpa_matches_mlx_lm(mask, heads, n):
     h, kv = heads
-    b, n, d = 2, 19, 16
+    b, d = 2, 16
     q, k, v = (mx.random.normal(shape, key=mx.random.key(i)) * 2
                for i, shape in enumerate([(b, h, n, d), (b, kv, n, d), (b, kv, n, d)]))
     got = sdpa(q, k, v, None, scale=d**-0.5, mask=mask)

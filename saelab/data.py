@@ -6,11 +6,12 @@ Three sources (``DataConfig.source``):
   (built once by ``saelab.pydocs`` into a JSONL file named by its content hash).
 - ``files``: local ``.txt`` (one document per blank-line separated block),
   ``.jsonl``/``.json`` and ``.parquet`` (one document per row, ``text_field``).
-- ``hub``: ``datasets.load_dataset(name, subset, split=split)``.
+- ``hub``: ``datasets.load_dataset(name, subset, split=split, streaming=True)``.
 
-Every source is read as a stream: ``datasets`` keeps a corpus as memory-mapped
-Arrow tables on disk (a hub dataset is downloaded and prepared there), and
-``iter_texts`` reads them in batches of ``READ_BATCH`` rows, so no corpus is ever
+Every source is read as a stream: a hub dataset is streamed (``streaming=True``:
+rows arrive as they are read, never a whole download first; offline, a copy in the
+local datasets cache), local files are memory-mapped Arrow tables, and
+``iter_texts`` reads either in batches of ``READ_BATCH`` rows, so no corpus is ever
 one list in memory; ``pack_blocks`` tokenizes that stream in batches as the
 capture consumes it. Packing never lets a sequence span two documents, so a
 document-level train/validation split of the captured tokens is clean.
@@ -78,13 +79,22 @@ def _local_dataset(kind: str, path: Path, **kwargs: Any):
 
 
 def _column(ds, field: str, where: str) -> Iterator[Any]:
-    """The ``field`` values of a dataset, ``READ_BATCH`` rows at a time (checked now)."""
-    if field not in ds.column_names:
-        raise ValueError(f"data.text_field={field!r} is not valid for {where}; allowed: "
-                         f"one of its columns {ds.column_names}")
+    """The ``field`` values of a dataset or a streamed one, ``READ_BATCH`` rows at a time
+    (checked now where the columns are known up front, else at the first batch)."""
+    names = ds.column_names  # None for a stream whose features are only known once read
+
+    def missing(columns: Any) -> ValueError:
+        return ValueError(f"data.text_field={field!r} is not valid for {where}; allowed: "
+                          f"one of its columns {list(columns)}")
+
+    if names is not None and field not in names:
+        raise missing(names)
 
     def rows() -> Iterator[Any]:
-        for batch in ds.select_columns([field]).iter(batch_size=READ_BATCH):
+        for batch in (ds if names is None else ds.select_columns([field])).iter(
+                batch_size=READ_BATCH):
+            if field not in batch:
+                raise missing(batch)
             yield from batch[field]
 
     return rows()
@@ -102,14 +112,17 @@ def _file_texts(cfg: DataConfig, path: Path) -> Iterator[Any]:
 def _hub_texts(cfg: DataConfig) -> Iterator[Any]:
     import datasets
 
-    try:
-        ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
-    except Exception as e:  # offline, unknown name/subset/split, auth
-        raise ValueError(
-            f"data.name={cfg.name!r} (subset={cfg.subset!r}, split={cfg.split!r}) could not be "
-            f"loaded from the Hugging Face hub ({type(e).__name__}: {e}); allowed: a dataset "
-            "reachable from here or in the local datasets cache. Offline, use data.source=pydocs "
-            "or data.source=files.") from e
+    try:  # streamed: rows arrive as the capture reads them, the dataset is never downloaded whole
+        ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split, streaming=True)
+    except Exception:
+        try:  # offline: a copy in the local datasets cache (memory-mapped Arrow)
+            ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
+        except Exception as e:  # unknown name/subset/split, auth, not cached
+            raise ValueError(
+                f"data.name={cfg.name!r} (subset={cfg.subset!r}, split={cfg.split!r}) could not "
+                f"be loaded from the Hugging Face hub ({type(e).__name__}: {e}); allowed: a "
+                "dataset reachable from here or in the local datasets cache. Offline, use "
+                "data.source=pydocs or data.source=files.") from e
     return _column(ds, cfg.text_field, f"data.name={cfg.name!r}")
 
 

@@ -120,6 +120,28 @@ def test_files_bad_input_is_a_clear_value_error(tmp_path):
                                    min_chars=1000))
 
 
+def test_streamed_datasets_are_read_in_batches_and_checked(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(data, "READ_BATCH", 2)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": f"doc {i}", "n": i}) + "\n" for i in range(5)))
+    streamed = datasets.load_dataset("json", data_files=str(rows), split="train", streaming=True)
+    assert isinstance(streamed, datasets.IterableDataset)  # the hub source's kind of dataset
+    assert list(data._column(streamed, "body", "here")) == [f"doc {i}" for i in range(5)]
+    with pytest.raises(ValueError, match=r"data\.text_field='text' is not valid for here.*'body'"):
+        data._column(streamed, "text", "here")
+
+    def gen():
+        yield from ({"body": f"doc {i}"} for i in range(3))
+
+    unknown = datasets.IterableDataset.from_generator(gen)  # columns known only once read
+    assert unknown.column_names is None
+    assert list(data._column(unknown, "body", "here")) == ["doc 0", "doc 1", "doc 2"]
+    with pytest.raises(ValueError, match=r"data\.text_field='text'.*\['body'\]"):
+        list(data._column(unknown, "text", "here"))
+
+
 @pytest.mark.slow  # a subprocess
 def test_hub_unreachable_is_a_clear_error():
     code = ("import saelab; from saelab.data import load_texts\n"

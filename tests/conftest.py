@@ -1,5 +1,6 @@
 """Shared test set-up: saelab before mlx (fast path), W&B offline, quiet progress bars;
-the ``require_system`` fixture for tests that need a system package."""
+the ``require_system`` fixture for tests that need a system package; ``smoke_cache``, the
+session's one activation cache for ``sweep=smoke`` studies."""
 
 import os
 
@@ -30,3 +31,11 @@ def require_system():
     """``require_system(what, ok, hint)``: when ``ok`` is false, skip here but fail when
     the environment variable ``CI`` is set (CI sets CI=true and installs ``what``)."""
     return _require_system
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+    """The activation cache root (``SAELAB_ACT_CACHE``) that every ``sweep=smoke`` study of
+    the session reads (test_sweep, test_export, test_report): the first to run captures
+    the corpus and computes the downstream baseline, the others reuse both."""
+    return tmp_path_factory.mktemp("smoke_cache")

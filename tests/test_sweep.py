@@ -1,8 +1,12 @@
 """End-to-end sweeps: real `saelab sweep` subprocesses (Hydra + the saelab
 sweeper), real Optuna SQLite studies, real training on the default model.
 
-Trials are tiny (sweeps/smoke.yaml: 4k captured tokens, 20k token-steps) and
-all tests but the two-worker one share one activation cache, captured once.
+Trials are tiny (sweeps/smoke.yaml: 4k captured tokens, 20k token-steps) and the
+tests but the two-worker and layer-scan ones read the session's smoke activation cache
+(tests/conftest.py), captured once. Downstream metrics (a model load per process and a
+forward pass per trial) are asserted by test_four_trials_record_everything and kept in the
+two-worker test (they keep the first worker's trials long enough for the second to join);
+the other sweeps turn them off.
 """
 
 import os
@@ -18,6 +22,7 @@ import pytest
 from optuna.trial import TrialState
 
 from saelab.config import StudyConfig
+from saelab.evals import DOWNSTREAM_METRICS
 from saelab.storage import JOB_ATTR, WORKER_ATTR
 from saelab.study import open_study
 from saelab.trials import trials_main
@@ -27,11 +32,7 @@ pytestmark = pytest.mark.slow  # `saelab sweep` subprocesses training on the def
 
 SEED_METRICS = {"train/loss", "train/recon_loss", "train/l0", "train/dead_fraction", "train/l1_loss",
                 "train/learning_rate", "val/loss", "val/l0", "val/dead_fraction"}
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("act_cache")
+NO_DOWNSTREAM = "sae.downstream_eval=off"
 
 
 def sweep_cmd(tmp: Path, name: str, *overrides: str, storage: str = "") -> list[str]:
@@ -59,9 +60,9 @@ def load(tmp: Path, name: str, storage: str = "") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
 
 
-def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
+def test_four_trials_record_everything(tmp_path, smoke_cache, capsys):
     # TPE with a constraint: Optuna 5 warned (FutureWarning) about constraints_func
-    p = run_sweep(tmp_path, shared_cache, "four", "study.n_trials=4", "study.sampler=tpe",
+    p = run_sweep(tmp_path, smoke_cache, "four", "study.n_trials=4", "study.sampler=tpe",
                   "++study.constraints={val/dead_fraction:0.5}")
     assert "FutureWarning" not in p.stdout + p.stderr
     study = load(tmp_path, "four")
@@ -75,6 +76,7 @@ def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
         a = t.user_attrs
         assert a["metrics"]["val/nmse"] == t.values[0] and a["metrics"]["val/dead_fraction"] == t.values[1]
         assert a["config"]["sae"]["k"] == t.params["sae.k"]
+        assert set(DOWNSTREAM_METRICS) <= a["metrics"].keys()
         assert a["config"]["sae"]["learning_rate"] == pytest.approx(t.params["sae.learning_rate"])
         assert Path(a["run_dir"]).name == f"trial_{t.number}" and Path(a["sae_path"]).exists()
         assert a["history"] and all("train/tokens" in h and "val/nmse" in h for h in a["history"])
@@ -98,12 +100,12 @@ def test_four_trials_record_everything(tmp_path, shared_cache, capsys):
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_jobs_in_other_processes_are_guarded_and_recorded(tmp_path, shared_cache, launcher):
+def test_jobs_in_other_processes_are_guarded_and_recorded(tmp_path, smoke_cache, launcher):
     """Hydra launchers that run each job in another process (joblib's workers; submitit's
     local executor, as on SLURM): the job finds its trial through the storage alone."""
-    run_sweep(tmp_path, shared_cache, launcher, f"hydra/launcher={launcher}", "study.sampler=grid",
+    run_sweep(tmp_path, smoke_cache, launcher, f"hydra/launcher={launcher}", "study.sampler=grid",
               "study.n_trials=2", "sae.k=16,32", "sae.learning_rate=1e-3",
-              "study.max_dead_fraction=0.05", "sae.use_wandb=false")
+              "study.max_dead_fraction=0.05", "sae.use_wandb=false", NO_DOWNSTREAM)
     trials = {t.params["sae.k"]: t for t in load(tmp_path, launcher).trials}
     assert trials[32].state == TrialState.COMPLETE and Path(trials[32].user_attrs["sae_path"]).exists()
     assert trials[16].state == TrialState.PRUNED  # by the dead-latent guard, inside the job
@@ -118,10 +120,10 @@ def test_jobs_in_other_processes_are_guarded_and_recorded(tmp_path, shared_cache
     assert len(trials[16].user_attrs["history"]) < len(trials[32].user_attrs["history"])
 
 
-def test_sigkill_then_resume_loses_nothing(tmp_path, shared_cache):
-    args = ("study.n_trials=3", "sae.train_tokens=60000")
+def test_sigkill_then_resume_loses_nothing(tmp_path, smoke_cache):
+    args = ("study.n_trials=3", "sae.train_tokens=60000", NO_DOWNSTREAM)
     proc = subprocess.Popen(sweep_cmd(tmp_path, "kill", *args), cwd=tmp_path,
-                            env=sweep_env(tmp_path, shared_cache), start_new_session=True,
+                            env=sweep_env(tmp_path, smoke_cache), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
@@ -145,7 +147,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, shared_cache):
     killed = [t for t in load(tmp_path, "kill").trials if t.state == TrialState.RUNNING]
     assert len(killed) == 1
 
-    run_sweep(tmp_path, shared_cache, "kill", *args)
+    run_sweep(tmp_path, smoke_cache, "kill", *args)
     trials = load(tmp_path, "kill").trials
     after = {t.number: (t.params, t.values) for t in trials if t.state == TrialState.COMPLETE}
     assert len(after) == 3 and all(after[n] == v for n, v in before.items())  # none lost or re-run
@@ -156,7 +158,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, shared_cache):
 
 
 def test_two_workers_share_the_study_and_capture_once(tmp_path):
-    cache = tmp_path / "fresh_cache"
+    cache = tmp_path / "fresh_cache"  # downstream on: the second worker must get a trial
     p = run_sweep(tmp_path, cache, "two", "study.n_trials=4", "study.n_jobs=2",
                   "sae.use_wandb=false")
     trials = load(tmp_path, "two").trials
@@ -171,10 +173,10 @@ def test_two_workers_share_the_study_and_capture_once(tmp_path):
     assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 1
 
 
-def test_diverging_trial_is_recorded_and_the_study_continues(tmp_path, shared_cache):
+def test_diverging_trial_is_recorded_and_the_study_continues(tmp_path, smoke_cache):
     journal = f"journal:///{tmp_path}/journal/optuna.log"  # the journal storage, end to end
-    run_sweep(tmp_path, shared_cache, "nan", "study.sampler=grid", "study.n_trials=2", "sae.k=32",
-              "sae.learning_rate=1e30,1e-3", "sae.use_wandb=false", storage=journal)
+    run_sweep(tmp_path, smoke_cache, "nan", "study.sampler=grid", "study.n_trials=2", "sae.k=32",
+              "sae.learning_rate=1e30,1e-3", "sae.use_wandb=false", NO_DOWNSTREAM, storage=journal)
     trials = {t.params["sae.learning_rate"]: t for t in load(tmp_path, "nan", journal).trials}
     bad, good = trials[1e30], trials[1e-3]
     assert bad.state == TrialState.FAIL and bad.user_attrs["diverged"]
@@ -182,8 +184,8 @@ def test_diverging_trial_is_recorded_and_the_study_continues(tmp_path, shared_ca
     assert good.state == TrialState.COMPLETE
 
 
-def test_bad_sweep_fails_before_any_trial(tmp_path, shared_cache):
-    p = run_sweep(tmp_path, shared_cache, "bad", "layer=choice(3,99)", check=False)
+def test_bad_sweep_fails_before_any_trial(tmp_path, smoke_cache):
+    p = run_sweep(tmp_path, smoke_cache, "bad", "layer=choice(3,99)", check=False)
     assert p.returncode != 0
     assert "sweep point" in p.stderr and "layer=99" in p.stderr and "0..29" in p.stderr
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "out/studies").exists()
@@ -193,7 +195,8 @@ def test_layer_scan_captures_in_one_pass(tmp_path):
     cache = tmp_path / "scan_cache"
     p = run_sweep(tmp_path, cache, "scan", "study.sampler=grid", "study.n_trials=4",
                   "layer=choice(2,4)", "component=choice(mlp,output)", "sae.k=32",
-                  "sae.learning_rate=1e-3", "sae.use_wandb=false")
+                  "sae.learning_rate=1e-3", "sae.train_tokens=5120", "sae.use_wandb=false",
+                  NO_DOWNSTREAM)
     trials = load(tmp_path, "scan").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert {(t.params["layer"], t.params["component"]) for t in trials} == \

@@ -29,6 +29,7 @@ from saelab.evals import DOWNSTREAM_METRICS
 
 pytestmark = pytest.mark.slow  # loads the default model, trains SAEs
 LAYER = 29
+TRIAL_LAYER = 2  # the `saelab eval` / cached-corpus SAE: the capture's forward stops here
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def sae(model, texts, outputs):
 
 @pytest.fixture(scope="module")
 def few(texts):
-    return texts[:8]
+    return [t[:600] for t in texts[:8]]  # ~1.2k tokens, each traced to the last layer twice
 
 
 def test_analyze_text_lists_each_tokens_strongest_features(model, sae):
@@ -214,14 +215,17 @@ def test_dashboard_in_headless_chromium(model, sae, few, tmp_path, require_syste
         board.stop()
 
 
+def trial_config() -> TrialConfig:
+    return TrialConfig(layer=TRIAL_LAYER, data=DataConfig(max_tokens=3000, context_length=64),
+                       sae=SAEConfig(expansion_factor=2, k=16, num_epochs=1, batch_size=256,
+                                     downstream_sequences=2))
+
+
 @pytest.fixture(scope="module")
 def trial_sae(outputs):
     from saelab.trial import run_trial
 
-    cfg = TrialConfig(layer=LAYER, data=DataConfig(max_tokens=3000, context_length=64),
-                      sae=SAEConfig(expansion_factor=2, k=16, num_epochs=1, batch_size=256,
-                                    downstream_sequences=2))
-    return run_trial(cfg, output_dir=outputs / "trial", progress=False)
+    return run_trial(trial_config(), output_dir=outputs / "trial", progress=False)
 
 
 def test_top_texts_on_the_training_corpus_read_its_activation_cache(model, trial_sae):
@@ -230,7 +234,7 @@ def test_top_texts_on_the_training_corpus_read_its_activation_cache(model, trial
     assert index.n_tokens == sae.metadata["train_activations"] + sae.metadata["val_activations"]
     f = int(np.argmax(index.counts))
     top = sae.get_top_activating_texts(feature_idx=f, top_k=3)
-    name = f"model.layers.{LAYER}.mlp"
+    name = f"model.layers.{TRIAL_LAYER}.mlp"
     for t in top:  # the cached rows line up with the re-packed sequences' tokens
         seq = index.tokens[t.sequence:t.sequence + 1]
         act = model.trace(mx.array(seq), capture=[name]).activations[name][0, t.position]
@@ -292,10 +296,7 @@ def test_export_adds_an_evaluation_table(trial_sae, outputs):
     from saelab.export import export_study
 
     metrics = trial_sae.metrics
-    config = json.loads(json.dumps(asdict(TrialConfig(
-        layer=LAYER, data=DataConfig(max_tokens=3000, context_length=64),
-        sae=SAEConfig(expansion_factor=2, k=16, num_epochs=1, batch_size=256,
-                      downstream_sequences=2)))))
+    config = json.loads(json.dumps(asdict(trial_config())))
     trial_from_dict(config)
     study = optuna.create_study(study_name="evalexport", directions=["minimize"] * 2)
     study.set_user_attr("objectives", ["val/delta_lm_loss", "val/l0"])

@@ -15,8 +15,9 @@ The step is the one each trainer runs. sparsify, as ``Trainer`` does it with
 with the dead mask and the batch's total variance, backward, remove the
 decoder-parallel gradient, ``torch.optim.Adam`` step, zero_grad, warm-up schedule step,
 tokens-since-fired update, the host reads of fvu and AuxK loss the trainer logs.
-saelab, as ``train.py`` does it: the compiled fast step (weight-gradient form from
-``choose_grad_mode``), async eval and the one host read of ``StepMetrics``. No latent
+saelab, as ``train.py`` does it: the fast step (weight-gradient form from
+``choose_grad_mode``) under ``blas_threads(1)``, async eval and the one host read of
+``StepMetrics``. No latent
 is dead, so neither runs an AuxK pass. Same shapes, float32, Adam, one process per
 side using both cores (``torch.set_num_threads(2)``; MLX: BLAS threads plus two CPU
 streams), the same batches (numpy's generator, seeded per batch). tokens/s per side is
@@ -184,6 +185,7 @@ def sparsify_venv() -> Path:
 
 def _saelab_step(d: int, latents: int, k: int, batch: int):
     import mlx.core as mx
+    from saelab.accel import blas_threads
     from saelab.config import SAEConfig
     from saelab.sae import SAE
     from saelab.steps import StepConsts, StepMetrics, make_fast_step
@@ -201,9 +203,10 @@ def _saelab_step(d: int, latents: int, k: int, batch: int):
     def run(steps: int) -> tuple[float, float]:
         start, cpu = time.perf_counter(), _cpu_seconds()
         for i in range(steps):  # as train.py's loop
-            state, out = fast(box["state"], xs[i % 2], lr, mx.array(i + 1.0), box["dead"])
-            mx.async_eval(state, out)
-            box["state"], box["dead"] = state, int(StepMetrics.read(out).dead)
+            with blas_threads(1):
+                state, out = fast(box["state"], xs[i % 2], lr, mx.array(i + 1.0), box["dead"])
+                mx.async_eval(state, out)
+                box["state"], box["dead"] = state, int(StepMetrics.read(out).dead)
         return (time.perf_counter() - start) / steps, (_cpu_seconds() - cpu) / steps
 
     return run

@@ -26,7 +26,9 @@ import ctypes.util
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -64,6 +66,8 @@ class AccelState:
 
 
 STATE = AccelState()
+_BLAS: list = []
+"""The preloaded OpenBLAS library handle, once loaded."""
 
 
 def _openblas_coretype() -> str | None:
@@ -122,7 +126,7 @@ def setup() -> AccelState:
             if STATE.blas_coretype:
                 os.environ["OPENBLAS_CORETYPE"] = STATE.blas_coretype
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            _BLAS.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
             STATE.blas_path = path
         except OSError as e:
             STATE.reason = f"could not load {path}: {e}"
@@ -134,3 +138,22 @@ def setup() -> AccelState:
         warnings.warn(f"saelab: MLX runs on its reference BLAS (~30x slower matmul): {STATE.reason}",
                       stacklevel=3)
     return STATE
+
+
+@contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """OpenBLAS runs its calls on at most ``n`` threads inside the block (no-op for
+    None or without a preloaded OpenBLAS). The fast training step splits its work over
+    two CPU streams itself, each with its own encoder matmul: with OpenBLAS's two
+    threads per call on top, four threads shared the two cores and the step ran
+    10-30% slower (benchmarks/README.md, "Step profile")."""
+    lib = _BLAS[0] if _BLAS else None
+    if n is None or lib is None or not hasattr(lib, "openblas_set_num_threads"):
+        yield
+        return
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)

@@ -39,6 +39,7 @@ import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
 from tqdm.auto import tqdm
 
+from saelab.accel import blas_threads
 from saelab.batches import TrainRows, as_rows
 from saelab.config import SAEConfig
 from saelab.sae import SAE, decode_codes, pre_activations, topk_codes
@@ -327,14 +328,13 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
         x = mx.array(next(batches)) * scale
         for step in range(total):
             lr, t = mx.array(lrs[step], mx.float32), mx.array(step + 1, mx.float32)
-            if fast is not None:
-                state, out = fast(state, x, lr, t, num_dead)
-            else:
-                state, out = reference_step(state, x, lr, t, num_dead, consts)
-            mx.async_eval(state, out)
-            if step + 1 < total:  # gather the next batch while the step runs
-                x = mx.array(next(batches)) * scale
-            got = StepMetrics.read(out)
+            with blas_threads(1 if fast is not None else None):  # it splits work itself
+                state, out = (fast(state, x, lr, t, num_dead) if fast is not None
+                              else reference_step(state, x, lr, t, num_dead, consts))
+                mx.async_eval(state, out)
+                if step + 1 < total:  # gather the next batch while the step runs
+                    x = mx.array(next(batches)) * scale
+                got = StepMetrics.read(out)
             if not all(math.isfinite(v) for v in got):
                 raise TrainingDiverged(
                     f"loss became {got.loss} at step {step + 1} (learning_rate={lrs[step]:.3g}); "

@@ -5,17 +5,18 @@ samples of distinct rows (``sample``: statistics, resampling) and an endless str
 of float32 batches (``batches``) in which every training row appears exactly once
 per epoch, deterministic given the seed.
 
-``EntryRows`` reads the float16 memmapped shards directly, in bounded memory: an
-epoch visits the shards holding training rows in a seeded order, a window of them
-at a time (about ``WINDOW_BUFFERS`` buffers of rows); within a window its training
-rows are cut into ``CHUNK_ROWS``-row contiguous chunks, read in a seeded random
-order into a fixed-size shuffle buffer, and batches are drawn from random buffer
-slots, each refilled by the next row read (SAELens' ``ActivationsStore`` mixes its
-activations through a buffer the same way, keeping half of it; here the buffer
-stays full and is drained at the end of each epoch, so epochs are exact). Reads
-stay local (a few shards at a time: sequential I/O, and each shard's lazy checksum
-is paid about when it is read), memory is the buffer plus one window's chunk list,
-and processes share the cache through the page cache instead of private copies.
+``EntryRows`` reads the float16 shards directly (pread through the page cache:
+``CacheEntry.copy_rows``), in bounded memory: an epoch visits the shards holding
+training rows in a seeded order, a window of them at a time (about ``WINDOW_BUFFERS``
+buffers of rows); within a window its training rows are cut into ``CHUNK_ROWS``-row
+contiguous chunks, read in a seeded random order into a fixed-size shuffle buffer, and
+batches are drawn from random buffer slots, each refilled by the next row read
+(SAELens' ``ActivationsStore`` mixes its activations through a buffer the same way,
+keeping half of it; here the buffer stays full and is drained at the end of each
+epoch, so epochs are exact). Reads stay local (a few shards at a time: sequential I/O,
+and each shard's lazy checksum is paid about when it is read), memory is the buffer
+plus one window's chunk list, and processes share the cache through the page cache
+instead of private copies.
 """
 
 from __future__ import annotations

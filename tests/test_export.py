@@ -1,6 +1,6 @@
-"""`saelab export` and `saelab dashboard` on a real study: a `saelab sweep sweep=smoke`
-subprocess (real Hydra, real Optuna on SQLite, real training on the default
-model, tiny settings), shared with test_report.py through `smoke_study`."""
+"""`saelab export` and `saelab dashboard` on a real study: the session's `saelab sweep
+sweep=smoke` study (tests/conftest.py: real Hydra, real Optuna on SQLite, real training
+on the default model, tiny settings), shared with test_report.py and test_sweep.py."""
 
 import json
 import os
@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,38 +28,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.Experimental
               pytest.mark.slow]
 
 
-@dataclass
-class SmokeStudy:
-    root: Path
-    storage: str
-    env: dict
-
-    def load(self, name: str = "smoke") -> optuna.Study:
-        return optuna.load_study(study_name=name, storage=self.storage)
-
-
-def smoke_study(tmp_path_factory) -> SmokeStudy:
-    """A 3-trial multi-objective study from a real sweep, built once per test session."""
-    root = tmp_path_factory.getbasetemp() / "smoke_study"
-    env = {**os.environ, "SAELAB_OUTPUTS": str(root / "out"), "SAELAB_ACT_CACHE": str(root / "cache"),
-           "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
-    study = SmokeStudy(root, f"sqlite:///{root}/optuna.db", env)
-    if not (root / "done").exists():
-        root.mkdir(exist_ok=True)
-        p = subprocess.run([sys.executable, "-m", "saelab.cli", "sweep", "sweep=smoke",
-                            "study.name=smoke", "study.n_trials=3", f"study.storage={study.storage}"],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        (root / "done").touch()
-    return study
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    return smoke_study(tmp_path_factory)
-
-
-def single_objective_copy(smoke: SmokeStudy, name: str) -> optuna.Study:
+def single_objective_copy(smoke, name: str) -> optuna.Study:
     """A single-objective (val/nmse) study in the same SQLite file, holding the real trials' records."""
     src = smoke.load()
     study = optuna.create_study(study_name=name, storage=smoke.storage, direction="minimize")
@@ -98,7 +66,7 @@ def test_pareto_export_writes_everything_and_reruns(smoke, tmp_path, capsys):
     pareto = sorted(t.number for t in study.best_trials)
     summary = json.loads((out / "summary.json").read_text())
     assert [r["number"] for r in summary["exported"]] == pareto
-    assert summary["objectives"] == ["val/nmse", "val/dead_fraction"] and summary["n_complete"] == 3
+    assert summary["objectives"] == ["val/nmse", "val/dead_fraction"] and summary["n_complete"] == 4
     by_number = {t.number: t for t in study.trials}
     for r in summary["exported"]:
         t = by_number[r["number"]]

@@ -1,12 +1,12 @@
 """End-to-end sweeps: real `saelab sweep` subprocesses (Hydra + the saelab
 sweeper), real Optuna SQLite studies, real training on the default model.
 
-Trials are tiny (sweeps/smoke.yaml: 4k captured tokens, 20k token-steps) and the
-tests but the two-worker and layer-scan ones read the session's smoke activation cache
-(tests/conftest.py), captured once. Downstream metrics (a model load per process and a
-forward pass per trial) are asserted by test_four_trials_record_everything and kept in the
-two-worker test (they keep the first worker's trials long enough for the second to join);
-the other sweeps turn them off.
+Trials are tiny (sweeps/smoke.yaml: 4k captured tokens, 20k token-steps). The first
+test reads the session's smoke study (tests/conftest.py; the export and report tests use
+it too); the others but the two-worker and layer-scan ones read its activation cache,
+captured once. Downstream metrics (a model load per process and a forward pass per trial)
+are asserted on the smoke study and kept in the two-worker test (they keep the first
+worker's trials long enough for the second to join); the other sweeps turn them off.
 """
 
 import os
@@ -60,12 +60,10 @@ def load(tmp: Path, name: str, storage: str = "") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
 
 
-def test_four_trials_record_everything(tmp_path, smoke_cache, capsys):
-    # TPE with a constraint: Optuna 5 warned (FutureWarning) about constraints_func
-    p = run_sweep(tmp_path, smoke_cache, "four", "study.n_trials=4", "study.sampler=tpe",
-                  "++study.constraints={val/dead_fraction:0.5}")
-    assert "FutureWarning" not in p.stdout + p.stderr
-    study = load(tmp_path, "four")
+def test_four_trials_record_everything(smoke, capsys):
+    """The session's smoke study (tests/conftest.py): 4 trials of TPE with a constraint."""
+    assert "FutureWarning" not in smoke.output  # Optuna 5 warned about constraints_func
+    study = smoke.load()
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert all(t.constraints == {"val/dead_fraction": pytest.approx(t.values[1] - 0.5)}
@@ -83,18 +81,18 @@ def test_four_trials_record_everything(tmp_path, smoke_cache, capsys):
         run = read_run(a["wandb_run_dir"])
         logged = {k for h in run["history"] for k in h}
         assert SEED_METRICS <= logged, SEED_METRICS - logged
-        assert run["config"]["wandb_group"] == "four"
-    summary = [d for d in (tmp_path / "out/wandb").glob("offline-run-*")
+        assert run["config"]["wandb_group"] == "smoke"
+    summary = [d for d in (smoke.root / "out/wandb").glob("offline-run-*")
                if d.name not in {Path(t.user_attrs["wandb_run_dir"]).name for t in trials}]
     assert len(summary) == 1
     summary_run = read_run(summary[0])
-    assert summary_run["config"]["study"] == "four"
+    assert summary_run["config"]["study"] == "smoke"
     # media (the trials table, plotly figures) are logged as files: <key>/_type, <key>/path, ...
     summary_media = {k.rsplit("/", 1)[0] for h in summary_run["history"] for k in h
                      if k.endswith("/_type")}
     assert {"trials", "report/pareto_front", "report/optimization_history/val/nmse"} <= summary_media, summary_media
-    assert (tmp_path / "out/studies/four/optimization_results.yaml").exists()
-    assert trials_main(["four", "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 0
+    assert (smoke.root / "out/studies/smoke/optimization_results.yaml").exists()
+    assert trials_main(["smoke", "--storage", smoke.storage]) == 0
     table = capsys.readouterr().out
     assert "4 trials" in table and table.count("COMPLETE") == 4 and "*" in table
 
@@ -121,7 +119,7 @@ def test_jobs_in_other_processes_are_guarded_and_recorded(tmp_path, smoke_cache,
 
 
 def test_sigkill_then_resume_loses_nothing(tmp_path, smoke_cache):
-    args = ("study.n_trials=3", "sae.train_tokens=60000", NO_DOWNSTREAM)
+    args = ("study.n_trials=2", "sae.train_tokens=60000", NO_DOWNSTREAM)
     proc = subprocess.Popen(sweep_cmd(tmp_path, "kill", *args), cwd=tmp_path,
                             env=sweep_env(tmp_path, smoke_cache), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,7 +148,8 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, smoke_cache):
     run_sweep(tmp_path, smoke_cache, "kill", *args)
     trials = load(tmp_path, "kill").trials
     after = {t.number: (t.params, t.values) for t in trials if t.state == TrialState.COMPLETE}
-    assert len(after) == 3 and all(after[n] == v for n, v in before.items())  # none lost or re-run
+    # none lost or re-run, and the resumed sweep ran only the retry (the failed trial counts not)
+    assert len(after) == 2 and all(after[n] == v for n, v in before.items())
     lost = trials[killed[0].number]
     assert lost.state == TrialState.FAIL and "died" in lost.user_attrs["fail_reason"]
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]

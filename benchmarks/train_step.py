@@ -3,12 +3,13 @@
     python benchmarks/train_step.py [--steps 5] [--modes segment,dense]
     python benchmarks/train_step.py --profile [--steps 7]
 
-``--profile`` times the fast step's blocks one by one instead (each compiled on
-its own, inputs ready, median ms over ``--steps``): encoder matmul, top-k,
-decode with its gradients, the two weight gradients, the update (decoder
-projection, clipping, Adam, renorm), tokens-since-fired and metrics, AuxK (the
-whole step with dead latents minus without), and the whole step; at 8/32 and
-32/128, batch 1024 and 4096.
+``--profile`` times the fast step's blocks instead, as the step runs them (each
+compiled on its own, inputs ready, OpenBLAS on one thread; [wall ms, CPU ms of
+all threads], medians over ``--steps``): one token half's encoder matmul, top-k,
+decode with its gradients and weight gradients on one stream, and that half as
+one piece; both halves on the two streams; the gradients' combination and the
+two updates (decoder projection, clipping, Adam, renorm), one per stream; the
+whole step; AuxK (the whole step with dead latents minus without).
 
 Shapes: d_model 576 (SmolLM2-135M), expansion 8 and 32, k 32 and 128, batch
 4096, plus batch 1024 at expansion 8 / k 32 (design.md's 11.3k tok/s probe,
@@ -30,15 +31,17 @@ import time
 import saelab
 import mlx.core as mx
 
-from saelab.accel import STATE
+from saelab.accel import STATE, blas_threads
 from saelab.config import SAEConfig
 from saelab.sae import SAE, pre_activations, topk_codes
-from saelab.steps import (StepConsts, _apply_update, _decode_residual, _fired_tsf, _pairs,
-                          _weight_grads, choose_grad_mode, make_fast_step, reference_step)
+from saelab.steps import (StepConsts, _dec_grad, _dec_update, _decode_residual, _enc_grads,
+                          _enc_update, _pairs, _slice_grads, _weight_grads, choose_grad_mode,
+                          make_fast_step, reference_step)
+from saelab.topk import block_topk, cpu_streams
 
 D = 576
 SHAPES = [(8, 32, 1024), (8, 32, 4096), (8, 128, 4096), (32, 32, 4096), (32, 128, 4096)]
-PROFILE_SHAPES = [(8, 32, 1024), (8, 32, 4096), (32, 128, 1024), (32, 128, 4096)]
+PROFILE_SHAPES = [(8, 32, 1024), (32, 32, 4096), (32, 128, 1024)]
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -59,20 +62,32 @@ def new_state(sae: SAE, dead: int = 0) -> dict:
             "v": {n: mx.zeros_like(p) for n, p in params.items()}, "tsf": tsf}
 
 
-def median_ms(fn, *args, reps: int) -> float:
-    """Median wall ms of ``fn(*args)`` evaluated, after two warm-up calls."""
+def median_ms(fn, *args, reps: int) -> tuple[float, float]:
+    """Median wall ms and CPU ms (all threads) of ``fn(*args)`` evaluated, after two
+    warm-up calls."""
     for _ in range(2):
         mx.eval(fn(*args))
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         mx.eval(fn(*args))
-        times.append(time.perf_counter() - start)
-    return round(1e3 * sorted(times)[len(times) // 2], 1)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return tuple(round(1e3 * sorted(v)[len(v) // 2], 1) for v in (wall, cpu))
+
+
+def on_stream(fn, stream):
+    def run(*args):
+        with mx.stream(stream):
+            return fn(*args)
+    return run
 
 
 def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | None) -> dict:
-    """Block-by-block ms of the fast step (no AuxK unless named)."""
+    """Wall and CPU ms of the fast step's blocks as it runs them (no AuxK unless
+    named): one token half's blocks on one stream, both halves on the two
+    streams, the two updates one per stream, the whole step, all with OpenBLAS on
+    one thread as train.py runs the step."""
     cfg = SAEConfig(expansion_factor=expansion, k=k, batch_size=batch)
     sae = SAE(D, expansion * D, k)
     h = sae.d_hidden
@@ -80,35 +95,60 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
     mode = consts.grad_mode or choose_grad_mode(k, h)  # without AuxK
     state = new_state(sae)
     p, x = state["params"], mx.random.normal((batch, D), key=mx.random.key(0)) * 4
-    lr, t = mx.array(1e-3), mx.array(1.0)
-    pre = pre_activations(p, x)
-    codes = topk_codes(pre, k)
-    xc, tv = x - p["b_dec"], mx.sum(mx.square(x - mx.mean(x, axis=0)))
+    half, tsf = x[: batch // 2], state["tsf"]
+    lr, t, inv_n = mx.array(1e-3), mx.array(1.0), mx.array(1 / batch)
+    pre = pre_activations(p, half)
+    codes = topk_codes(pre, k, select=block_topk)
+    xc, tv = half - p["b_dec"], mx.sum(mx.square(x - mx.mean(x, axis=0)))
     r, g_r, g_v = _decode_residual(p["W_dec"], codes.values, codes.indices, -xc, 2 / tv)
     pairs = _pairs(codes.indices, codes.values, mx.where(codes.selected > 0, g_v, 0), k)
-    grads = {n: mx.random.normal(a.shape) * 1e-3 for n, a in p.items()}
-    mx.eval(pre, codes, r, g_r, g_v, pairs, grads)
-    blocks = {
-        "encoder_matmul": (pre_activations, p, x),
-        "topk": (lambda a: topk_codes(a, k), pre),
-        "decode_and_code_grads": (lambda w, v, i, o, c: _decode_residual(w, v, i, o, c),
-                                  p["W_dec"], codes.values, codes.indices, -xc, 2 / tv),
-        "weight_grads": (lambda q, a, g: _weight_grads(q, a, g, h, mode),
-                         pairs, xc, g_r),
-        "update": (lambda s, g: _apply_update(s, g, lr, t, consts), state, grads),
-        "tsf_and_metrics": (lambda f, i, v, s: (_fired_tsf(f, i, v), mx.sum(mx.square(s)),
-                                                mx.sum(v > 0)),
-                            state["tsf"], codes.indices, codes.values, r),
+    grads = mx.compile(lambda q, xs: _slice_grads(q, xs, tv, inv_n, tsf, 0, consts))
+    a, b = grads(p, half), grads(p, x[batch // 2:])
+    mx.eval(pre, codes, r, g_r, g_v, pairs, a, b)
+    s0, s1 = cpu_streams()
+
+    def halves(q, xs):
+        return on_stream(grads, s0)(q, xs[: batch // 2]), on_stream(grads, s1)(q, xs[batch // 2:])
+
+    enc_grads, dec_grad = mx.compile(_enc_grads), mx.compile(_dec_grad)
+    enc_update = mx.compile(lambda *u: _enc_update(*u, consts))
+    dec_update = mx.compile(lambda *u: _dec_update(*u, consts))
+    g_enc, sq_enc = enc_grads(p, a, b)
+    g_dec, sq_dec = dec_grad(p["W_dec"], a, b)
+    mx.eval(g_enc, sq_enc, g_dec, sq_dec)
+
+    def updates(s):
+        with mx.stream(s0):
+            u = enc_update(s, g_enc, sq_enc + sq_dec, lr, t)
+        with mx.stream(s1):
+            return u, dec_update(s, g_dec, sq_dec + sq_enc, lr, t)
+
+    blocks = {  # (function, args, counted in the half's sum)
+        "encoder_matmul": (on_stream(mx.compile(pre_activations), s0), (p, half), True),
+        "topk": (on_stream(mx.compile(lambda c: topk_codes(c, k, select=block_topk)), s0),
+                 (pre,), True),
+        "decode_and_code_grads": (on_stream(mx.compile(
+            lambda w, v, i, o: _decode_residual(w, v, i, o, 2 / tv)), s0),
+            (p["W_dec"], codes.values, codes.indices, -xc), True),
+        "weight_grads": (on_stream(mx.compile(lambda q, c, g: _weight_grads(q, c, g, h, mode)),
+                                   s0), (pairs, xc, g_r), True),
+        "half": (on_stream(grads, s0), (p, half), False),
+        "both_halves": (halves, (p, x), False),
+        "combine_grads": (lambda: (on_stream(enc_grads, s0)(p, a, b),
+                                   on_stream(dec_grad, s1)(p["W_dec"], a, b)), (), False),
+        "update": (updates, (state,), False),
     }
     row = {"expansion": expansion, "k": k, "batch": batch, "grad_mode": mode}
-    for name, (fn, *args) in blocks.items():
-        row[name] = median_ms(mx.compile(fn), *args, reps=reps)
     step = make_fast_step(consts)
-    row["blocks_sum"] = round(sum(row[n] for n in blocks), 1)
-    row["step"] = median_ms(lambda s: step(s, x, lr, t, 0), state, reps=reps)
-    dead = consts.k_aux  # enough dead latents for a full-width AuxK pass
-    row["auxk_extra"] = round(median_ms(lambda s: step(s, x, lr, t, dead), new_state(sae, dead),
-                                        reps=reps) - row["step"], 1)
+    with blas_threads(1):
+        for name, (fn, args, _) in blocks.items():
+            row[name] = median_ms(fn, *args, reps=reps)
+        row["half_blocks_sum"] = tuple(round(sum(row[n][i] for n, b in blocks.items() if b[2]), 1)
+                                       for i in (0, 1))
+        row["step"] = median_ms(lambda s: step(s, x, lr, t, 0), state, reps=reps)
+        dead = consts.k_aux  # enough dead latents for a full-width AuxK pass
+        aux = median_ms(lambda s: step(s, x, lr, t, dead), new_state(sae, dead), reps=reps)
+    row["auxk_extra"] = tuple(round(aux[i] - row["step"][i], 1) for i in (0, 1))
     return row
 
 
@@ -135,7 +175,8 @@ def bench_shape(expansion: int, k: int, batch: int, steps: int, modes: list[str]
            "auto_mode": choose_grad_mode(k, sae.d_hidden)}
     for mode in modes:
         consts = StepConsts.from_config(cfg, D, sae.d_hidden, grad_mode=mode)
-        sec = time_step(make_fast_step(consts), state, batches, steps)
+        with blas_threads(1):  # as train.py runs the fast step
+            sec = time_step(make_fast_step(consts), state, batches, steps)
         row[f"fast_{mode}_tok_s"] = round(batch / sec)
         row[f"fast_{mode}_peak_fraction"] = round(flops / sec / 1e9 / peak, 3)
     consts = StepConsts.from_config(cfg, D, sae.d_hidden)

@@ -58,3 +58,19 @@ def test_mlx_imported_first_is_reported():
     r = probe(pre="import mlx.core")
     assert r["blas_path"] is None
     assert "import saelab first" in r["reason"]
+
+
+def test_blas_threads_sets_and_restores(require_system):
+    import saelab  # noqa: F401
+    from saelab.accel import _BLAS, STATE, blas_threads
+    require_system("OpenBLAS", bool(_BLAS), STATE.reason)
+    lib = _BLAS[0]
+    before = lib.openblas_get_num_threads()
+    with blas_threads(1):
+        assert lib.openblas_get_num_threads() == 1
+    assert lib.openblas_get_num_threads() == before
+    with pytest.raises(RuntimeError), blas_threads(1):
+        raise RuntimeError("restored on error too")
+    assert lib.openblas_get_num_threads() == before
+    with blas_threads(None):  # None: left as it is
+        assert lib.openblas_get_num_threads() == before

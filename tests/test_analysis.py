@@ -61,7 +61,7 @@ def texts():
 @pytest.fixture(scope="module")
 def sae(model, texts, outputs):
     cfg = SAEConfig(expansion_factor=4, k=32, num_epochs=2, batch_size=256, downstream_eval="off")
-    return model.train_sae(layer=LAYER, dataset=texts, config=cfg, max_tokens=4000,
+    return model.train_sae(layer=LAYER, dataset=texts, config=cfg, max_tokens=2000,
                            context_length=64, save_path=str(outputs / "sae.mlx"))
 
 

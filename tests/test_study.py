@@ -164,6 +164,7 @@ def test_dead_local_worker_is_failed_and_retried(tmp_path, scheme):
 
 
 def test_stale_heartbeat_fails_and_retries(tmp_path):
+    studies = []
     for url in (f"sqlite:///{tmp_path}/o.db", f"journal:///{tmp_path}/o.log"):
         cfg = StudyConfig(name="h", storage=url, heartbeat_interval=1, grace_period=2)
         study = st.open_study(cfg)
@@ -174,7 +175,9 @@ def test_stale_heartbeat_fails_and_retries(tmp_path):
         unclaimed.suggest_float("x", 0, 1)
         sg.reap_dead_trials(study, cfg)
         assert [s.state for s in study.trials] == [TrialState.RUNNING] * 2  # fresh
-        time.sleep(3.1)
+        studies.append((url, cfg, study))
+    time.sleep(3.1)  # past the grace period, for both storages at once
+    for url, cfg, study in studies:
         sg.reap_dead_trials(study, cfg)
         states = [s.state for s in study.trials]
         assert states == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2, url

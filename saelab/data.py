@@ -244,7 +244,7 @@ def _doc_order(texts: Iterable[str]) -> Iterator[tuple[int, str]]:
 def _pieces(hf: Any, texts: Iterable[str], body: int, batch_docs: int):
     """(doc index, up to ``body`` of its tokens), in ``_doc_order``, tokenized in batches
     of 8 documents doubling up to ``batch_docs``: a small token budget tokenizes little
-    more than it packs (one batch of 256 pydocs documents is ~140k tokens)."""
+    more than it packs (256 pydocs documents are ~160k tokens)."""
     order = _doc_order(texts)
     size = min(8, batch_docs)
     while batch := list(itertools.islice(order, size)):

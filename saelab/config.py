@@ -170,7 +170,8 @@ class SAEConfig:
     """Decoder is the encoder's transpose (half the parameters)."""
 
     gradient_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables clipping)."""
+    """Clip the global gradient norm to this value (0 disables clipping). Idle on the
+    quality recipe: its norm was 0.24-0.33 at initialization, ~0.02 trained (measured)."""
 
     l1_coefficient: float = 0.0
     """Weight of an L1 penalty on latent activations (0: pure TopK)."""
@@ -185,7 +186,9 @@ class SAEConfig:
     """Weight of the AuxK loss."""
 
     dead_tokens_threshold: int = 100_000
-    """A latent is dead if it has not fired in this many training tokens."""
+    """A latent is dead if it has not fired in this many training tokens. 10,000 on the
+    quality recipe: 0.38% vs 1.0% never fire on validation, nmse 0.1056 vs 0.1048, but 70
+    stay dead at its end, and a step with 70 dead takes 2x one with none (AuxK's pass)."""
 
     resample_every: Optional[int] = None
     """Resample dead latents every this many steps, except in the last this many

@@ -19,13 +19,11 @@ everything that changes the activations.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from saelab.accel import blas_threads
 from saelab.config import DataConfig, ModelConfig, canonical_component
 from saelab.data import corpus_identity, iter_texts, pack_blocks, texts_identity
 from saelab.entry import CacheEntry, open_entry
@@ -229,23 +228,6 @@ def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Sequence[str] 
              len(jobs), seconds, captured / max(seconds, 1e-9))
 
 
-@contextmanager
-def _blas_threads(n: int | None) -> Iterator[None]:
-    """OpenBLAS's threads per call set to ``n`` inside the block (None, or no OpenBLAS: as is)."""
-    from saelab.accel import STATE
-
-    lib = ctypes.CDLL(STATE.blas_path) if n and STATE.blas_path else None
-    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
-        yield
-        return
-    old = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(n)
-    try:
-        yield
-    finally:
-        lib.openblas_set_num_threads(old)
-
-
 _STREAMS: list[Any] = []
 
 
@@ -267,7 +249,7 @@ def _capture_block(model: Any, block: Any, builders: list[EntryBuilder], names: 
     streams = _streams()
     writers = [b.writer(j) for b in builders]
     try:
-        with _blas_threads(1 if len(streams) > 1 else None):
+        with blas_threads(1 if len(streams) > 1 else None):
             pending = None
             for s in range(0, len(block.tokens), batch_size):
                 acts = _launch(model, block.tokens[s:s + batch_size], names, streams)

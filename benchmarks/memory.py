@@ -19,9 +19,10 @@ as its cache and never loads the model. Each case runs in a fresh subprocess:
 - ``in_ram``: the same split read into one float32 array, then the same training
   (``train_sae_on_arrays`` on the array) - the pre-sharding path, for speed.
 
-``--part memory``: ``trial`` and ``read`` on each cache. ``--part speed``: ``trial``
-and ``in_ram`` on the smallest cache, alternating over ``--rounds``; the best of each
-is compared by training tokens/s (``train/tokens_per_second``). Memory is the
+``--part memory``: ``trial`` (validation at the default cadence) and ``read`` on each
+cache. ``--part speed``: ``trial`` and ``in_ram`` on the smallest cache, alternating
+over ``--rounds``, with one evaluation at the end; the best of each is compared by
+training tokens/s (``train/tokens_per_second``). Memory is the
 child's peak resident set (``resource.getrusage``: ru_maxrss) and its peak anonymous
 resident memory (``RssAnon`` sampled every 20 ms; file-backed pages of the cache are
 the page cache's and are dropped after each read). Training is x8, k 32, batch 1024,
@@ -105,7 +106,8 @@ def peak_anon() -> list[int]:
     return peak
 
 
-def run_case(case: str, tokens: int, root: Path, train_tokens: int) -> dict:
+def run_case(case: str, tokens: int, root: Path, train_tokens: int,
+             eval_every: int | None) -> dict:
     """In the child: one case; returns its row."""
     import resource
 
@@ -116,7 +118,7 @@ def run_case(case: str, tokens: int, root: Path, train_tokens: int) -> dict:
     from saelab.train import train_sae_on_arrays
     from saelab.trial import run_trial
 
-    cfg = trial_config(tokens, root, train_tokens)
+    cfg = trial_config(tokens, root, train_tokens, eval_every=eval_every)
     out = Path(tempfile.mkdtemp(prefix="saelab-memory-bench-"))
     row: dict = {"case": case, "cache_tokens": tokens}
     t0, cpu = time.perf_counter(), time.process_time()
@@ -163,11 +165,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--prepare", action="store_true", help="write the entries, then exit")
     p.add_argument("--clean", action="store_true", help="delete --dir, then exit")
+    p.add_argument("--eval-every", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)  # child mode: CASE,TOKENS,ROOT
     args = p.parse_args()
     if args.case:
         case, tokens, root = args.case.split(",", 2)
-        print(json.dumps(run_case(case, int(tokens), Path(root), args.train_tokens)))
+        print(json.dumps(run_case(case, int(tokens), Path(root), args.train_tokens,
+                                  args.eval_every)))
         return
     if args.clean:
         shutil.rmtree(args.dir, ignore_errors=True)
@@ -184,16 +188,19 @@ def main() -> None:
             print(f"{tokens} tokens ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         if args.prepare:
             return
-        cases = []
-        if args.part in ("memory", "all"):
-            cases += [(c, n) for n in sizes for c in ("trial", "read")]
-        if args.part in ("speed", "all"):  # alternating: the machine may be shared
-            cases += [(c, min(sizes)) for _ in range(args.rounds) for c in ("trial", "in_ram")]
+        cases = []  # (case, cache tokens, eval_every)
+        if args.part in ("memory", "all"):  # validation at the default cadence
+            cases += [(c, n, None) for n in sizes for c in ("trial", "read")]
+        if args.part in ("speed", "all"):  # alternating (the machine may be shared); one
+            # evaluation, at the end: both do the same, and it is not what is compared
+            cases += [(c, min(sizes), 10**9) for _ in range(args.rounds)
+                      for c in ("trial", "in_ram")]
         load = [round(x, 2) for x in os.getloadavg()]
-        for case, tokens in cases:
+        for case, tokens, every in cases:
             child = subprocess.run(
                 [sys.executable, __file__, "--case", f"{case},{tokens},{base / str(tokens)}",
-                 "--train-tokens", str(args.train_tokens)],
+                 "--train-tokens", str(args.train_tokens)]
+                + (["--eval-every", str(every)] if every else []),
                 capture_output=True, text=True, check=True)
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)

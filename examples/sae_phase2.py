@@ -21,10 +21,11 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--sae", help="a saved SAE of layer 10's MLP (default: train one)")
 parser.add_argument("--serve", action="store_true", help="keep the dashboard running")
 parser.add_argument("--out", default="outputs/phase2", help="where files are written")
+parser.add_argument("--texts", type=int, default=60, help="documents of the default corpus used")
 args = parser.parse_args()
 
 model = InterpretableModel("smollm2_135m")  # the guide: "mlx-community/Llama-3.2-1B-Instruct"
-texts = [t[:512] for t in load_texts(DataConfig())[:60]]  # the guide's text[:512] samples
+texts = [t[:512] for t in load_texts(DataConfig())[:args.texts]]  # the guide's text[:512] samples
 if args.sae:
     sae = model.load_sae(args.sae)
 else:

@@ -280,7 +280,7 @@ def test_saelab_eval_reproduces_the_trial_and_fails_clearly(trial_sae, outputs, 
 def test_example_runs_every_phase2_snippet(tmp_path):
     env = {**os.environ, "SAELAB_OUTPUTS": str(tmp_path / "outputs")}
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "sae_phase2.py"),
-                        "--out", str(tmp_path / "phase2")],
+                        "--out", str(tmp_path / "phase2"), "--texts", "20"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for line in ("feature 1234 fires most on", "dashboard on http://127.0.0.1:8050/: HTTP 200",

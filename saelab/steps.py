@@ -373,6 +373,8 @@ def make_fast_step(consts: StepConsts):
             halves[width] = mx.compile(
                 lambda p, xs, tv, inv_n, tsf: _slice_grads(p, xs, tv, inv_n, tsf, width, consts))
         n, p, tsf = x.shape[0], state["params"], state["tsf"]
+        if n < 2:  # no two token halves
+            return reference_step(state, x, lr, t, num_dead, consts)
         tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
         inv_n = mx.array(1 / n, mx.float32)
         parts = []

@@ -15,7 +15,7 @@ Each trial runs in a fresh subprocess (compilation included, as in a new job), i
 two modes alternating over ``--rounds``: ``default`` (``eval_every`` unset: about 8
 evaluations) and ``final`` (only the last one). The child times every
 ``_Validator`` construction and call (wrapped, timed to completion: each call ends
-in a host read) and the trial's wall time (``time/wall_s``). Reported per case:
+in a host read; timing starts once the step in flight has updated the weights) and the trial's wall time (``time/wall_s``). Reported per case:
 ``val_fraction`` = validation seconds / wall seconds of the default mode (median
 over rounds) and ``diff_fraction`` = (default wall - final wall) / default wall
 (best of each; it leaves out the one evaluation both modes do).
@@ -49,6 +49,7 @@ CASES = {
 def run_child(case: str, mode: str, root: Path) -> dict:
     """One trial with the validator timed; returns its row."""
     import saelab  # noqa: F401
+    import mlx.core as mx
     from saelab import train
     from saelab.trial import run_trial
 
@@ -61,6 +62,7 @@ def run_child(case: str, mode: str, root: Path) -> dict:
         spent["build_s"] += time.perf_counter() - t
 
     def timed_call(self, *a, **kw):
+        mx.eval(a[0])  # the step in flight first: its update is training time, not validation's
         t = time.perf_counter()
         out = call(self, *a, **kw)
         spent["s"] += time.perf_counter() - t

@@ -14,7 +14,7 @@ of 250 tokens, d_model 576; no downstream evaluation, no W&B):
 Each trial runs in a fresh subprocess (compilation included, as in a new job), in
 two modes alternating over ``--rounds``: ``default`` (``eval_every`` unset: about 8
 evaluations) and ``final`` (only the last one). The child times every
-``_Validator`` construction and call (wrapped, timed to completion: each call ends
+``saelab.validate.Validator`` construction and call (wrapped, timed to completion: each call ends
 in a host read; timing starts once the step in flight has updated the weights) and the trial's wall time (``time/wall_s``). Reported per case:
 ``val_fraction`` = validation seconds / wall seconds of the default mode (median
 over rounds) and ``diff_fraction`` = (default wall - final wall) / default wall
@@ -50,11 +50,11 @@ def run_child(case: str, mode: str, root: Path) -> dict:
     """One trial with the validator timed; returns its row."""
     import saelab  # noqa: F401
     import mlx.core as mx
-    from saelab import train
+    from saelab import validate
     from saelab.trial import run_trial
 
     spent = {"s": 0.0, "calls": 0, "build_s": 0.0}
-    init, call = train._Validator.__init__, train._Validator.__call__
+    init, call = validate.Validator.__init__, validate.Validator.__call__
 
     def timed_init(self, *a, **kw):
         t = time.perf_counter()
@@ -69,7 +69,7 @@ def run_child(case: str, mode: str, root: Path) -> dict:
         spent["calls"] += 1
         return out
 
-    train._Validator.__init__, train._Validator.__call__ = timed_init, timed_call
+    validate.Validator.__init__, validate.Validator.__call__ = timed_init, timed_call
     tokens, sae = CASES[case]
     cfg = trial_config(tokens, root, **sae, eval_every=10**9 if mode == "final" else None)
     out = Path(tempfile.mkdtemp(prefix="saelab-validation-bench-"))

@@ -42,9 +42,11 @@ from filelock import FileLock
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
+from saelab.fastops import exp
 from saelab.paths import atomic_file, atomic_write_text
 from saelab.trace import Edit, TracedModel
 from saelab.names import activation_name
+from saelab.validate import Validator
 
 FORMAT = 1
 """Bump when what a baseline file holds or how it is computed changes."""
@@ -111,9 +113,10 @@ def _vsum(x: mx.array, block: int = 256) -> mx.array:
     return mx.sum(mx.sum(x.reshape(*x.shape[:-1], -1, block), axis=-1), axis=-1)
 
 
+@mx.compile  # one fused pass per op chain: exp_poly is a dozen element-wise ops
 def _logsumexp(z: mx.array) -> mx.array:
     top = z.max(axis=-1, keepdims=True)
-    return top[..., 0] + mx.log(_vsum(mx.exp(z - top)))
+    return top[..., 0] + mx.log(_vsum(exp(z - top)))
 
 
 def _nll(z: mx.array, next_tokens: mx.array) -> tuple[mx.array, mx.array]:
@@ -186,7 +189,7 @@ def compute_baseline(model: TracedModel, layer: int, component: str, es: EvalSet
         z = _at(tr.logits, flat)
         nll, lse = _nll(z, nxt)
         logp = z - lse[:, None]
-        prob = mx.exp(logp)
+        prob = exp(logp)
         h = _at(model.final_norm(tr.activations[p.last]), flat)
         tol = 1e-3 * (1.0 + mx.abs(z).max().item())
         linear &= mx.allclose(h @ w_u.T, z, rtol=1e-4, atol=tol).item()
@@ -264,7 +267,7 @@ def downstream_metrics(model: TracedModel, sae: Any, layer: int, component: str,
         else:  # a non-linear head (e.g. logit soft-capping): the clean pass again
             zc = _at(p.run(tokens, mask, None, prefix).logits, flat)
             logp = zc - _logsumexp(zc)[:, None]
-            kl_b = _vsum(mx.exp(logp) * (logp - (z - lse[:, None])))
+            kl_b = _vsum(exp(logp) * (logp - (z - lse[:, None])))
         mx.eval(nll, kl_b)
         spliced.append(np.array(nll))
         kl.append(np.array(kl_b))
@@ -280,12 +283,10 @@ def downstream_metrics(model: TracedModel, sae: Any, layer: int, component: str,
 def reconstruction_metrics(sae: Any, acts: np.ndarray) -> dict[str, float]:
     """The trainer's validation metrics (``val/mse``, ``nmse``, ``nmse_p99``,
     ``explained_variance``, ``l0``, ``dead_fraction``) of ``sae`` on ``acts`` [N, d_model]."""
-    from saelab.train import _Validator
-
     if len(acts) == 0:
         raise ValueError("dataset: no activations to evaluate on; allowed: a non-empty corpus")
     params = {k: v for k, v in sae.trainable_parameters().items()}
-    metrics = _Validator(acts, float(sae.input_scale.item()))(params, sae.k, 0.0)
+    metrics = Validator(acts, float(sae.input_scale.item()))(params, sae.k, 0.0)
     metrics.pop("val/loss", None)
     return metrics
 

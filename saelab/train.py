@@ -13,13 +13,9 @@ Metrics (averaged over the ``log_every`` window unless said):
 ``train/dead_fraction`` (now: latents not fired in the last
 ``dead_tokens_threshold`` training tokens), ``train/learning_rate`` (now),
 ``train/tokens``, ``train/resampled`` (with ``resample_every``: latents
-re-initialized in the window). Validation over every validation token: ``val/mse`` (raw
-units, per element), ``val/nmse`` (squared error / squared deviation from the
-validation mean, i.e. fraction of variance unexplained), ``val/nmse_p99``
-(the same over the 99% of tokens with the lowest norm, re-centred),
-``val/explained_variance`` (1 - nmse), ``val/loss`` (nmse + l1 term),
-``val/l0``, ``val/dead_fraction`` (latents that never fire on the whole
-validation set).
+re-initialized in the window). Validation metrics (``val/nmse``, ``val/nmse_p99``,
+...; :mod:`saelab.validate`) every ``eval_every`` steps: intermediate evaluations
+over ``sae.eval_tokens`` evenly spaced validation rows, the final one over all.
 
 Callbacks may raise :class:`StopTraining` from ``on_eval`` (Optuna pruning);
 it propagates to the caller after ``on_abort``. A non-finite loss raises
@@ -42,15 +38,12 @@ from tqdm.auto import tqdm
 from saelab.accel import blas_threads
 from saelab.batches import TrainRows, as_rows
 from saelab.config import SAEConfig
-from saelab.sae import SAE, decode_codes, pre_activations, topk_codes
+from saelab.sae import SAE
 from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
+from saelab.validate import EVAL_BATCH, token_errors, validators
 
 STAT_SAMPLE = 32_768
 """Tokens sampled for the input scale and the b_dec initialization (as openai)."""
-
-EVAL_BATCH = 1024
-"""Rows per validation chunk (at most). As fast as 4096 per token (x8 k32, x16 k128)
-and a quarter of the memory: a chunk's [rows, k, d_model] decoder gather is 75 MB."""
 
 RESAMPLE_SAMPLE = 16_384
 """Training tokens scored to choose the inputs dead latents are resampled toward."""
@@ -144,90 +137,6 @@ def init_sae(sample: np.ndarray, cfg: SAEConfig, metadata: dict) -> SAE:
     return sae
 
 
-def _token_errors(params: dict, x: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
-    """(squared reconstruction error per token, code values, code indices) of normalized x."""
-    w_dec = params.get("W_dec", params["W_enc"])
-    v, idx, _ = topk_codes(pre_activations(params, x), k)
-    return mx.sum(mx.square(decode_codes(w_dec, v, idx) + params["b_dec"] - x), axis=1), v, idx
-
-
-def _chunk_sums(params: dict, x: mx.array, weights: mx.array, k: int) -> tuple:
-    """Sums over one validation chunk, padding rows weighted 0: squared error
-    (all tokens, lowest-norm 99%), nonzero codes (int), code sum, and per-latent
-    firing counts (int). Fixed-shape chunks, so compiled once per (shape, k)."""
-    err, v, idx = _token_errors(params, x, k)
-    on = (v > 0) & (weights[:, :1] > 0)
-    fired = mx.zeros((params["b_enc"].shape[0],), mx.int32).at[idx.reshape(-1)].add(
-        on.reshape(-1).astype(mx.int32))
-    return (mx.sum(err[:, None] * weights, axis=0), mx.sum(on.astype(mx.int32)),
-            mx.sum(v * weights[:, :1]), fired)
-
-
-_eval_chunk = mx.compile(_chunk_sums)  # module level: trials in one process share its graphs
-
-
-def _total_variance(x: np.ndarray, mask: np.ndarray | None, chunk: int) -> float:
-    """Sum of squared deviations from the mean of the (masked) rows, in float64 chunks."""
-    def rows(lo: int) -> np.ndarray:
-        c = x[lo:lo + chunk] if mask is None else x[lo:lo + chunk][mask[lo:lo + chunk]]
-        return c.astype(np.float64)
-
-    starts = range(0, len(x), chunk)
-    mean = sum(rows(lo).sum(axis=0) for lo in starts) / (len(x) if mask is None else mask.sum())
-    return float(sum(np.sum((rows(lo) - mean) ** 2) for lo in starts))
-
-
-class _Validator:
-    """Validation metrics over all validation tokens.
-
-    Built once per run: the float64 statistics (means, total variances, the
-    99%-lowest-norm mask), and the normalized float32 validation set in
-    fixed ``EVAL_BATCH``-row chunks (the last one zero-padded, its padding
-    weighted 0). An evaluation schedules chunk after chunk without waiting
-    (memory: about one chunk's intermediates), accumulating on the device, and
-    reads the host values once at the end."""
-
-    def __init__(self, val: np.ndarray, scale: float, max_chunk: int = EVAL_BATCH):
-        n = len(val)
-        self.n, self.d, self.scale = n, val.shape[1], scale
-        # equal chunks of at most max_chunk rows (a multiple of 8): little padding
-        chunk = 8 * math.ceil(n / math.ceil(n / max_chunk) / 8)
-        pad = -n % chunk
-        xs = np.zeros((n + pad, self.d), np.float32)
-        for lo in range(0, n, chunk):
-            xs[:n][lo:lo + chunk] = np.asarray(val[lo:lo + chunk], np.float32) * np.float32(scale)
-        norms = np.linalg.norm(xs[:n], axis=1)
-        if not np.isfinite(norms).all():
-            raise ValueError("val contains non-finite values (NaN/inf); allowed: finite activations")
-        p99 = norms <= np.quantile(norms, 0.99)
-        self.tv, self.tv_p99 = (_total_variance(xs[:n], m, chunk) for m in (None, p99))
-        # weights[:, 0]: a real token (not padding); weights[:, 1]: a lowest-norm-99% token
-        weights = np.zeros((n + pad, 2), np.float32)
-        weights[:n, 0], weights[:n, 1] = 1.0, p99
-        self.chunks = [(mx.array(xs[lo:lo + chunk]), mx.array(weights[lo:lo + chunk]))
-                       for lo in range(0, n + pad, chunk)]
-        mx.eval(self.chunks)
-
-    def __call__(self, params: dict, k: int, l1_coefficient: float) -> dict:
-        err = l0 = l1 = fired = 0
-        for x, w in self.chunks:
-            c_err, c_l0, c_l1, c_fired = _eval_chunk(params, x, w, k)
-            err, l0, l1, fired = err + c_err, l0 + c_l0, l1 + c_l1, fired + c_fired
-            # scheduled chunk by chunk (no wait): one lazy graph over all chunks kept
-            # every chunk's B x M pre-activations alive at once (+2.6 GB at 32k tokens, x16)
-            mx.async_eval(err, l0, l1, fired)
-        dead = mx.mean(fired == 0)
-        mx.eval(err, l0, l1, dead)  # the one wait of an evaluation
-        (err_all, err_p99), l0, l1, dead = err.tolist(), l0.item(), l1.item(), dead.item()
-        n, d = self.n, self.d
-        nmse = err_all / self.tv
-        return {"val/loss": nmse + l1_coefficient * l1 / n,
-                "val/mse": err_all / (n * d) / self.scale ** 2,
-                "val/nmse": nmse, "val/nmse_p99": err_p99 / self.tv_p99,
-                "val/explained_variance": 1.0 - nmse, "val/l0": l0 / n,
-                "val/dead_fraction": dead}
-
-
 def resample_dead(state: dict, x: mx.array, k: int, dead_threshold: int,
                   rng: np.random.Generator) -> tuple[dict, np.ndarray]:
     """Re-initialize the dead latents of ``state`` toward badly reconstructed
@@ -245,7 +154,7 @@ def resample_dead(state: dict, x: mx.array, k: int, dead_threshold: int,
     if not len(dead):
         return state, dead
     p = state["params"]
-    err = np.concatenate([np.array(_token_errors(p, x[lo:lo + EVAL_BATCH], k)[0], np.float64)
+    err = np.concatenate([np.array(token_errors(p, x[lo:lo + EVAL_BATCH], k)[0], np.float64)
                           for lo in range(0, x.shape[0], EVAL_BATCH)])
     weight = err ** 2
     prob = weight / weight.sum() if weight.sum() > 0 else None  # None: uniform
@@ -310,7 +219,8 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
     lrs = lr_schedule(cfg, total)
     sae = init_sae(train.sample(STAT_SAMPLE, np.random.default_rng([cfg.seed, 1])), cfg, metadata)
     scale = float(sae.input_scale.item())
-    validate = _Validator(val, scale)
+    validate, validate_all = validators(
+        val, scale, cfg.eval_tokens or max(1024, total * cfg.batch_size // 200))
     consts = StepConsts.from_config(cfg, d, sae.d_hidden)
     fast = make_fast_step(consts) if cfg.fast_step else None
 
@@ -371,7 +281,8 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
                 for cb in callbacks:
                     cb.on_log(done, metrics)
             if done % eval_every == 0 or done == total:
-                last_val = validate(state["params"], cfg.k, cfg.l1_coefficient)
+                last_val = (validate_all if done == total else validate)(
+                    state["params"], cfg.k, cfg.l1_coefficient)
                 if not math.isfinite(last_val["val/nmse"]):
                     raise TrainingDiverged(f"val/nmse became {last_val['val/nmse']} at step {done}")
                 if eval_hook is not None:

@@ -14,7 +14,8 @@ from saelab.config import SAEConfig
 from saelab.steps import (StepConsts, StepMetrics, _apply_update, make_fast_step,
                           reference_step)
 from saelab.train import (RESAMPLE_ENCODER_SCALE, Callback, StopTraining, TrainingDiverged,
-                          _Validator, init_sae, lr_schedule, resample_dead, train_sae_on_arrays)
+                          init_sae, lr_schedule, resample_dead, train_sae_on_arrays)
+from saelab.validate import Validator, validators
 
 D = 64
 META = {"model_name": "synthetic", "layer": 3, "component": "mlp"}
@@ -241,12 +242,32 @@ def test_bad_inputs_rejected_early():
         train_sae_on_arrays(TRAIN[0], VAL, small_cfg(), metadata=META)
 
 
+def test_intermediate_evaluations_use_a_fixed_subset_and_the_final_one_all_rows(trained):
+    sae, _, _ = trained
+    scale, params = float(sae.input_scale.item()), dict(sae.trainable_parameters())
+    part, final = validators(VAL, scale, 100)
+    assert (part.n, final.n) == (100, len(VAL))
+    rows = np.linspace(0, len(VAL) - 1, 100).round().astype(int)
+    assert part(params, sae.k, 0.0) == Validator(VAL[rows], scale)(params, sae.k, 0.0)
+    same = validators(VAL, scale, len(VAL))
+    assert same[0] is same[1]  # a validation set no larger than eval_tokens: all rows every time
+    rec, cfg = Recorder(), small_cfg(eval_every=5, eval_tokens=50)
+    out, metrics = train_sae_on_arrays(TRAIN, VAL, cfg, metadata=META, callbacks=[rec],
+                                       progress=False)
+    seen = [m for _, m in rec.evals]
+    whole = Validator(VAL, float(out.input_scale.item()))(dict(out.trainable_parameters()),
+                                                          cfg.k, cfg.l1_coefficient)
+    assert seen[-1] == whole and len(seen) >= 2
+    for key in ("val/nmse", "val/l0", "val/dead_fraction"):
+        assert metrics[key] == pytest.approx(whole[key], rel=1e-6)
+
+
 def test_validator_chunks_padding_and_p99_match_numpy(trained):
     sae, _, _ = trained
     val = VAL[:999]  # chunks of 96 rows: the last one padded
     scale = float(sae.input_scale.item())
     params = dict(sae.trainable_parameters())
-    small, whole = _Validator(val, scale, max_chunk=96), _Validator(val, scale)
+    small, whole = Validator(val, scale, max_chunk=96), Validator(val, scale)
     assert len(small.chunks) == 11 and small.chunks[0][0].shape == (96, D)
     got = small(params, sae.k, 1e-3)
     assert got == small(params, sae.k, 1e-3)  # buffers reused, nothing consumed

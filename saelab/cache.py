@@ -231,8 +231,9 @@ def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Sequence[str] 
 _STREAMS: list[Any] = []
 
 
-def _streams() -> list[Any]:
-    """``CAPTURE_STREAMS`` streams of the default device (one on a GPU)."""
+def forward_streams() -> list[Any]:
+    """``CAPTURE_STREAMS`` streams of the default device (one on a GPU) that a forward
+    batch is split over (capture here, the downstream metrics in ``saelab.evals``)."""
     import mlx.core as mx
 
     n = CAPTURE_STREAMS if mx.default_device() == mx.cpu else 1
@@ -246,7 +247,7 @@ def _capture_block(model: Any, block: Any, builders: list[EntryBuilder], names: 
     """Shard ``j`` of every builder from one block of packed sequences. Each batch's
     forward is queued (``mx.async_eval``) before the previous batch's activations are
     copied out and written, so the streams never wait on that host work."""
-    streams = _streams()
+    streams = forward_streams()
     writers = [b.writer(j) for b in builders]
     try:
         with blas_threads(1 if len(streams) > 1 else None):

@@ -42,6 +42,8 @@ from filelock import FileLock
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
+from saelab.accel import blas_threads
+from saelab.cache import forward_streams
 from saelab.fastops import exp
 from saelab.paths import atomic_file, atomic_write_text
 from saelab.trace import Edit, TracedModel
@@ -246,32 +248,48 @@ def cached_baseline(path: Path, make_eval_set, model: TracedModel, layer: int,
 # ---------------------------------------------------------------- the SAE's part
 
 
+def _spliced_terms(p: _Pass, model: TracedModel, sae: Any, base: Baseline, a: int, b: int,
+                   row: int) -> tuple[mx.array, mx.array]:
+    """(per-position cross-entropy, KL(clean || spliced)) of sequences a:b with ``sae``
+    spliced in; ``row``: the first of their scored positions in the baseline's arrays."""
+    tokens, mask = base.tokens[a:b], base.mask[a:b]
+    flat, nxt = _targets(tokens, mask)
+    m = int(flat.size)
+    prefix = base.prefix[a:b] if p.prev else None
+    tr = p.run(tokens, mask, sae, prefix)
+    z = _at(tr.logits, flat)
+    nll, lse = _nll(z, nxt)
+    if base.linear_head:  # sum_v p_v log q_v = h_q . E_p[W_U] - logsumexp(z_q)
+        h = _at(model.final_norm(tr.activations[p.last]), flat)
+        cross = mx.sum(h * mx.array(base.expected_unembed[row:row + m]), axis=-1) - lse
+        return nll, mx.array(base.neg_entropy[row:row + m]) - cross
+    # a non-linear head (e.g. logit soft-capping): the clean pass again
+    zc = _at(p.run(tokens, mask, None, prefix).logits, flat)
+    logp = zc - _logsumexp(zc)[:, None]
+    return nll, _vsum(exp(logp) * (logp - (z - lse[:, None])))
+
+
 def downstream_metrics(model: TracedModel, sae: Any, layer: int, component: str,
                        base: Baseline) -> dict[str, float]:
     """The ``DOWNSTREAM_METRICS`` of ``sae`` (anything mapping raw activations
     [..., d_model] to a reconstruction, e.g. an SAE) spliced in at (layer, component)."""
     p = _Pass(model, layer, component)
     es = EvalSet(base.tokens, base.mask)
-    spliced, kl, row = [], [], 0
-    for lo, tokens, mask in es.batches():
-        flat, nxt = _targets(tokens, mask)
-        m = int(flat.size)
-        prefix = base.prefix[lo:lo + len(tokens)] if p.prev else None
-        tr = p.run(tokens, mask, sae, prefix)
-        z = _at(tr.logits, flat)
-        nll, lse = _nll(z, nxt)
-        if base.linear_head:  # sum_v p_v log q_v = h_q . E_p[W_U] - logsumexp(z_q)
-            h = _at(model.final_norm(tr.activations[p.last]), flat)
-            cross = mx.sum(h * mx.array(base.expected_unembed[row:row + m]), axis=-1) - lse
-            kl_b = mx.array(base.neg_entropy[row:row + m]) - cross
-        else:  # a non-linear head (e.g. logit soft-capping): the clean pass again
-            zc = _at(p.run(tokens, mask, None, prefix).logits, flat)
-            logp = zc - _logsumexp(zc)[:, None]
-            kl_b = _vsum(exp(logp) * (logp - (z - lse[:, None])))
-        mx.eval(nll, kl_b)
-        spliced.append(np.array(nll))
-        kl.append(np.array(kl_b))
-        row += m
+    spliced, kl, row, streams = [], [], 0, forward_streams()
+    with blas_threads(1 if len(streams) > 1 else None):  # each batch as slices on streams
+        for lo, tokens, _ in es.batches():
+            terms = []
+            for part, stream in zip(np.array_split(np.arange(len(tokens)), len(streams)),
+                                    streams, strict=True):
+                if not len(part):
+                    continue
+                a, b = lo + part[0], lo + part[-1] + 1
+                with mx.stream(stream):
+                    terms.append(_spliced_terms(p, model, sae, base, a, b, row))
+                row += int(terms[-1][0].size)
+            mx.eval(terms)
+            spliced += [np.array(nll) for nll, _ in terms]
+            kl += [np.array(kl_b) for _, kl_b in terms]
     ce = float(np.concatenate(spliced).mean())
     gap = base.ablated_ce - base.clean_ce
     return {"val/ce_loss_clean": base.clean_ce, "val/ce_loss_spliced": ce,
@@ -331,68 +349,3 @@ def entry_downstream(entry: Any, data_cfg: Any, model: TracedModel, sae: Any, *,
 
     base = cached_baseline(path, make, model, layer, component, fields)
     return downstream_metrics(model, sae, layer, component, base)
-
-
-class _HeldEnd:
-    """A training callback whose ``on_end`` waits until the downstream metrics exist."""
-
-    def __init__(self, cb: Any):
-        self.cb = cb
-
-    def on_start(self, config: dict) -> None:
-        self.cb.on_start(config)
-
-    def on_log(self, step: int, metrics: dict) -> None:
-        self.cb.on_log(step, metrics)
-
-    def on_eval(self, step: int, metrics: dict) -> None:
-        self.cb.on_eval(step, metrics)
-
-    def on_end(self, metrics: dict) -> None: ...
-
-    def on_abort(self, reason: str) -> None:
-        if hasattr(self.cb, "on_abort"):
-            self.cb.on_abort(reason)
-
-
-class TrialDownstream:
-    """A trial's downstream evaluation: at the end (``sae.downstream_eval=end``) or at
-    every evaluation (``every``: ``evaluate`` is the trainer's ``eval_hook``, so the
-    last evaluation's metrics are the final ones). ``hold(callbacks)`` delays their
-    ``on_end`` so W&B and the study see the final metrics with the downstream ones,
-    which ``finish(sae, metrics)`` adds (with ``time/downstream_s``, all evaluations)."""
-
-    def __init__(self, cfg: Any, entry: Any, texts: list[str] | None, model: Any):
-        self.cfg, self.entry, self.texts, self.model = cfg, entry, texts, model
-        self.held: list[_HeldEnd] = []
-        self.seconds = 0.0
-
-    def hold(self, callbacks: list[Any]) -> list[Any]:
-        self.held = [_HeldEnd(cb) for cb in callbacks]
-        return self.held
-
-    def evaluate(self, sae: Any) -> dict[str, float]:
-        from saelab.trace import shared_model
-
-        cfg, t0 = self.cfg, time.perf_counter()
-        model = self.model or shared_model(cfg.model)
-        metrics = entry_downstream(
-            self.entry, cfg.data, model, sae, layer=cfg.layer, component=cfg.component,
-            n_sequences=cfg.sae.downstream_sequences, validation_split=cfg.sae.validation_split,
-            seed=cfg.data.split_seed, texts=self.texts)
-        self.seconds += time.perf_counter() - t0
-        return metrics
-
-    def finish(self, sae: Any, metrics: dict[str, float]) -> dict[str, float]:
-        try:
-            if self.cfg.sae.downstream_eval != "every":  # else: in the last evaluation's
-                metrics = {**metrics, **self.evaluate(sae)}
-        except BaseException as e:
-            for h in self.held:
-                h.on_abort(f"downstream evaluation failed: {type(e).__name__}: {e}")
-            raise
-        metrics = {**metrics, "time/downstream_s": self.seconds}
-        sae.update_metadata(metrics=metrics)
-        for h in self.held:
-            h.cb.on_end(metrics)
-        return metrics

@@ -4,6 +4,8 @@
 the benchmarks all go through ``run_trial``. Optuna and W&B attach from
 outside as callbacks; a sweep job gets its Optuna callback from
 ``saelab.study.run_linked_job`` through ``hydra_task(cfg, callbacks)``.
+``TrialDownstream`` adds the downstream metrics (``saelab.evals``) at the end or at
+every evaluation, holding the callbacks' ``on_end`` until they exist.
 """
 
 from __future__ import annotations
@@ -113,8 +115,6 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[Any] = (), output_dir: str |
         cbs.append(wandb_cb)
     downstream = None
     if cfg.sae.downstream_eval != "off":  # its metrics reach the callbacks' on_end
-        from saelab.evals import TrialDownstream
-
         downstream = TrialDownstream(cfg, entry, texts, model)
         cbs = downstream.hold(cbs)
 
@@ -165,3 +165,68 @@ def hydra_task(cfg, callbacks: Sequence[Any] = ()) -> TrialResult:
     print(f"[saelab] SAE saved to {result.sae_path}")
     return replace(result, sae=None)
 
+
+class _HeldEnd:
+    """A training callback whose ``on_end`` waits until the downstream metrics exist."""
+
+    def __init__(self, cb: Any):
+        self.cb = cb
+
+    def on_start(self, config: dict) -> None:
+        self.cb.on_start(config)
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        self.cb.on_log(step, metrics)
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self.cb.on_eval(step, metrics)
+
+    def on_end(self, metrics: dict) -> None: ...
+
+    def on_abort(self, reason: str) -> None:
+        if hasattr(self.cb, "on_abort"):
+            self.cb.on_abort(reason)
+
+
+class TrialDownstream:
+    """A trial's downstream evaluation: at the end (``sae.downstream_eval=end``) or at
+    every evaluation (``every``: ``evaluate`` is the trainer's ``eval_hook``, so the
+    last evaluation's metrics are the final ones). ``hold(callbacks)`` delays their
+    ``on_end`` so W&B and the study see the final metrics with the downstream ones,
+    which ``finish(sae, metrics)`` adds (with ``time/downstream_s``, all evaluations)."""
+
+    def __init__(self, cfg: Any, entry: Any, texts: list[str] | None, model: Any):
+        self.cfg, self.entry, self.texts, self.model = cfg, entry, texts, model
+        self.held: list[_HeldEnd] = []
+        self.seconds = 0.0
+
+    def hold(self, callbacks: list[Any]) -> list[Any]:
+        self.held = [_HeldEnd(cb) for cb in callbacks]
+        return self.held
+
+    def evaluate(self, sae: Any) -> dict[str, float]:
+        from saelab.evals import entry_downstream
+        from saelab.trace import shared_model
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        model = self.model or shared_model(cfg.model)
+        metrics = entry_downstream(
+            self.entry, cfg.data, model, sae, layer=cfg.layer, component=cfg.component,
+            n_sequences=cfg.sae.downstream_sequences, validation_split=cfg.sae.validation_split,
+            seed=cfg.data.split_seed, texts=self.texts)
+        self.seconds += time.perf_counter() - t0
+        return metrics
+
+    def finish(self, sae: Any, metrics: dict[str, float]) -> dict[str, float]:
+        try:
+            if self.cfg.sae.downstream_eval != "every":  # else: in the last evaluation's
+                metrics = {**metrics, **self.evaluate(sae)}
+        except BaseException as e:
+            for h in self.held:
+                h.on_abort(f"downstream evaluation failed: {type(e).__name__}: {e}")
+            raise
+        metrics = {**metrics, "time/downstream_s": self.seconds}
+        sae.update_metadata(metrics=metrics)
+        for h in self.held:
+            h.cb.on_end(metrics)
+        return metrics

@@ -9,7 +9,7 @@ downstream metrics at the end on the default held-out sequences), run by
 ``saelab.trial.run_trial``; the ``auxk`` variant is that config unchanged.
 
     python benchmarks/dead_latents.py [--variants auxk,resample,neither] [--out DIR]
-    python benchmarks/dead_latents.py --quick-trial end|off [--cache-dir DIR]
+    python benchmarks/dead_latents.py --quick-trial end|off [--cache-dir DIR] [--repeat N]
 
 ``--quick-trial`` instead times one quick-sweep-shaped trial (``sweep=quick``, x8 k32 lr
 1e-3) with ``sae.downstream_eval`` end or off: what the downstream metrics cost a trial.
@@ -68,7 +68,7 @@ class DeadCurve:
         self.resampled += int(metrics.get("train/resampled", 0))
 
 
-def quick_trial(arm: str, cache_dir: str | None) -> dict:
+def quick_trial(arm: str, cache_dir: str | None, repeat: int = 1) -> dict:
     import os
 
     from saelab.paths import activation_cache_root
@@ -77,15 +77,17 @@ def quick_trial(arm: str, cache_dir: str | None) -> dict:
     cfg = compose_trial(["sweep=quick", "sae.expansion_factor=8", "sae.k=32",
                          "sae.learning_rate=0.001", f"sae.downstream_eval={arm}",
                          f"cache_dir={cache_dir}"])
-    load, t = os.getloadavg(), time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["SAELAB_OUTPUTS"] = tmp  # W&B's offline run
-        m = run_trial(cfg, output_dir=tmp, progress=False).metrics
-    return {"benchmark": "downstream_cost", "downstream_eval": arm,
-            "trial_s": round(time.perf_counter() - t, 1),
-            "downstream_s": round(m.get("time/downstream_s", 0.0), 2),
-            "train_s": round(m["time/train_s"], 1), "load_before": load,
-            "load_after": os.getloadavg()}
+    load, trials = os.getloadavg(), []
+    for _ in range(repeat):  # one process, as a sweep worker runs its trials
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["SAELAB_OUTPUTS"] = tmp  # W&B's offline run
+            m = run_trial(cfg, output_dir=tmp, progress=False).metrics
+        trials.append({"trial_s": round(time.perf_counter() - t, 1),
+                       "downstream_s": round(m.get("time/downstream_s", 0.0), 2),
+                       "train_s": round(m["time/train_s"], 1)})
+    return {"benchmark": "downstream_cost", "downstream_eval": arm, **trials[0],
+            "trials": trials, "load_before": load, "load_after": os.getloadavg()}
 
 
 def main() -> None:
@@ -93,10 +95,11 @@ def main() -> None:
     ap.add_argument("--variants", default="auxk,resample,neither")
     ap.add_argument("--out", default=None, help="keep each variant's SAE in DIR/<variant>")
     ap.add_argument("--quick-trial", choices=["end", "off"], default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="--quick-trial: trials in one process")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
     if args.quick_trial:
-        print(json.dumps(quick_trial(args.quick_trial, args.cache_dir)))
+        print(json.dumps(quick_trial(args.quick_trial, args.cache_dir, args.repeat)))
         return
     out = {"benchmark": "dead_latents", "blas": STATE.blas, "recipe": RECIPE}
     for name in args.variants.split(","):

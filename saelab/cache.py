@@ -47,7 +47,7 @@ SHARD_BYTES = 128 << 20
 CAPTURE_BATCH = 16
 """Sequences per forward batch."""
 CAPTURE_STREAMS = 2
-"""A forward batch runs as this many slices on as many CPU streams at once, each with
+"""A forward batch runs as this many slices (1 or 2) on as many CPU streams at once, each with
 one OpenBLAS thread: MLX runs an element-wise op on one thread per stream, and those
 ops (norms, rope, softmax, silu) are a third of the forward's CPU time even with
 ``saelab.fastops``, so with one stream a core idled for that third."""
@@ -228,18 +228,17 @@ def _capture(model_cfg: ModelConfig, data_cfg: DataConfig, texts: Sequence[str] 
              len(jobs), seconds, captured / max(seconds, 1e-9))
 
 
-_STREAMS: list[Any] = []
-
-
 def forward_streams() -> list[Any]:
-    """``CAPTURE_STREAMS`` streams of the default device (one on a GPU) that a forward
-    batch is split over (capture here, the downstream metrics in ``saelab.evals``)."""
+    """The streams a forward batch is split over (capture here, the downstream metrics
+    in ``saelab.evals``): the first ``CAPTURE_STREAMS`` of the CPU streams the training
+    step uses (``topk.cpu_streams``), or the device's default stream on a GPU."""
     import mlx.core as mx
 
-    n = CAPTURE_STREAMS if mx.default_device() == mx.cpu else 1
-    while len(_STREAMS) < n:
-        _STREAMS.append(mx.new_stream(mx.default_device()))
-    return _STREAMS[:n]
+    from saelab.topk import cpu_streams
+
+    if mx.default_device() != mx.cpu:
+        return [mx.default_stream(mx.default_device())]
+    return cpu_streams()[:CAPTURE_STREAMS]
 
 
 def _capture_block(model: Any, block: Any, builders: list[EntryBuilder], names: list[str],

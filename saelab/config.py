@@ -219,8 +219,8 @@ class SAEConfig:
     downstream_sequences: int = 4
     """Held-out sequences (of ``data.context_length`` tokens, from the validation
     documents) the downstream metrics average over. Each costs about one forward pass
-    of the layers from the SAE's on: 4 took 4.1-4.8 s, 15-16% of a 28-30 s
-    quick-sized trial (benchmarks/README.md, "Downstream cost")."""
+    of the layers from the SAE's on: 4 took 0.74-0.80 s, 3-4% of a 21-22 s quick-sized
+    trial after a worker's first (benchmarks/README.md, "Downstream cost")."""
 
     fast_step: bool = True
     """Use the hand-written, compiled fast training step (False: autodiff

@@ -82,8 +82,7 @@ def compose_eval_config(overrides: Sequence[str], sae_meta: dict) -> tuple[Model
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saelab.configs import register_configs, trial_from_dict
-    from saelab.configs import conf_dir
+    from saelab.configs import conf_dir, register_configs, trial_from_dict
 
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]

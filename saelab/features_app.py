@@ -180,8 +180,8 @@ def features_main(argv: list[str]) -> int:
     from saelab.errors import CommandParser
 
     p = CommandParser(prog="saelab features", description=__doc__.split("\n\n")[0],
-                                epilog="Without data overrides the features are shown on the "
-                                       "SAE's training corpus (its activation cache).")
+                      epilog="Without data overrides the features are shown on the "
+                             "SAE's training corpus (its activation cache).")
     p.add_argument("sae", help="a saved SAE directory (sae.json + sae.safetensors)")
     p.add_argument("overrides", nargs="*", help="data=..., data.<field>=... (another corpus)")
     p.add_argument("--port", type=int, default=8050)

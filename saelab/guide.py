@@ -57,7 +57,7 @@ class SAE(TopKSAE):
                          port: int = 8050, block: bool = True, max_tokens: int | None = None):
         """Browse every feature on a local web page (``block=False``: a running server)."""
         return features_app.launch(self, model, dataset, host=host, port=port, block=block,
-                      max_tokens=max_tokens)
+                                   max_tokens=max_tokens)
 
     def steer(self, model: Any, layer: int, feature_idx: int, strength: float) -> None:
         """Inside ``with model.trace(prompt):``, add ``strength`` (code units) times the

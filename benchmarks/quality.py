@@ -41,6 +41,11 @@ VARIANTS = {
     "lr2e-3": {"learning_rate": 2e-3},
     "noclip": {"gradient_clip": 0.0},
     "warmup100": {"warmup_steps": 100},
+    # warm-up, stable, then a linear decay to 0 over the last 20% of steps
+    "wsd20": {"lr_decay": "linear", "min_lr_ratio": 0.0, "decay_fraction": 0.2},
+    "lr2e-3_wsd20": {"learning_rate": 2e-3, "lr_decay": "linear", "min_lr_ratio": 0.0,
+                     "decay_fraction": 0.2},
+    "beta2_0.99": {"adam_betas": [0.9, 0.99]},
     # the recipe differences to the PyTorch reference, one at a time
     "bdec_mean": {"b_dec_init": "mean"},
     "unit_norm": {"input_norm_target": 1.0},

@@ -150,6 +150,10 @@ class SAEConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (``cosine``, ``linear``)."""
 
+    decay_fraction: float = 1.0
+    """The decay (``cosine``, ``linear``) takes the run's last this fraction of steps,
+    the rate staying at its peak before (SAELens' ``lr_decay_steps``, as a fraction)."""
+
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam's (beta1, beta2)."""
 
@@ -168,8 +172,7 @@ class SAEConfig:
     """Decoder is the encoder's transpose (half the parameters)."""
 
     gradient_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables clipping). Idle on the
-    quality recipe: its norm was 0.24-0.33 at initialization, ~0.02 trained (measured)."""
+    """Clip the global gradient norm to this value (0: off); idle on the quality recipe."""
 
     l1_coefficient: float = 0.0
     """Weight of an L1 penalty on latent activations (0: pure TopK)."""
@@ -217,18 +220,14 @@ class SAEConfig:
     is the final value) or ``off``."""
 
     downstream_sequences: int = 4
-    """Held-out sequences (of ``data.context_length`` tokens, from the validation
-    documents) the downstream metrics average over. Each costs about one forward pass
-    of the layers from the SAE's on: 4 took 0.74-0.80 s, 3-4% of a 21-22 s quick-sized
-    trial after a worker's first (benchmarks/README.md, "Downstream cost")."""
+    """Held-out sequences (``data.context_length`` tokens) the downstream metrics average
+    over: 4 cost 3-4% of a quick-sized trial (benchmarks/README.md, "Downstream cost")."""
 
     fast_step: bool = True
-    """Use the hand-written, compiled fast training step (False: autodiff
-    reference step; both give the same updates)."""
+    """The compiled hand-written step (False: the autodiff reference; same updates)."""
 
     use_wandb: bool = False
-    """Log the run to Weights & Biases (offline under ``outputs/`` unless
-    ``WANDB_MODE`` says otherwise)."""
+    """Log the run to Weights & Biases (offline under ``outputs/`` unless ``WANDB_MODE``)."""
 
     wandb_project: str = "saelab"
     """W&B project."""
@@ -259,6 +258,7 @@ class SAEConfig:
         _check(self.lr_decay in ("cosine", "linear", "constant"), "lr_decay", self.lr_decay,
                "cosine, linear, constant")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "[0, 1]")
+        _check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", self.decay_fraction, "(0, 1]")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
                "adam_betas", self.adam_betas, "two floats in [0, 1)")
         _check(0.0 < self.validation_split < 0.5, "validation_split", self.validation_split,

@@ -96,7 +96,8 @@ def lr_schedule(cfg: SAEConfig, total_steps: int) -> np.ndarray:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(
         cfg.warmup_fraction * total_steps)
     s = np.arange(total_steps, dtype=np.float64)
-    p = np.clip((s - warmup) / max(1, total_steps - warmup), 0.0, 1.0)
+    start = max(warmup, total_steps - round(cfg.decay_fraction * total_steps))
+    p = np.clip((s - start) / max(1, total_steps - start), 0.0, 1.0)
     decay = {"cosine": 0.5 * (1 + np.cos(np.pi * p)), "linear": 1 - p,
              "constant": np.ones_like(p)}[cfg.lr_decay]
     if cfg.lr_decay != "constant":

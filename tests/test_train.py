@@ -231,6 +231,9 @@ def test_train_tokens_budget_and_schedule():
         [3e-3] * 5
     cos = lr_schedule(small_cfg(warmup_fraction=0.1), 100)
     assert cos[9] == pytest.approx(3e-3) and cos.min() >= 3e-4 - 1e-12
+    wsd = lr_schedule(small_cfg(warmup_steps=2, lr_decay="linear", min_lr_ratio=0.0,
+                                decay_fraction=0.2, learning_rate=1.0), 20)
+    assert np.allclose(wsd[1:16], 1.0) and np.allclose(wsd[16:], [1, 0.75, 0.5, 0.25])
     _, m = train_sae_on_arrays(TRAIN[:300], VAL, cfg, metadata=META, progress=False)
     assert m["train/steps"] == 10 and m["train/tokens"] == 1000  # cycles 300 rows
 

@@ -26,7 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import saelab
 import mlx.core as mx
@@ -35,7 +39,7 @@ from saelab.accel import STATE, blas_threads
 from saelab.config import SAEConfig
 from saelab.sae import SAE, pre_activations, topk_codes
 from saelab.steps import (StepConsts, _dec_grad, _dec_update, _decode_residual, _enc_grads,
-                          _enc_update, _pairs, _slice_grads, _weight_grads, choose_grad_mode,
+                          _enc_update, _slice_grads, _weight_grads, choose_grad_mode,
                           make_fast_step, reference_step)
 from saelab.topk import block_topk, cpu_streams
 
@@ -101,10 +105,10 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
     codes = topk_codes(pre, k, select=block_topk)
     xc, tv = half - p["b_dec"], mx.sum(mx.square(x - mx.mean(x, axis=0)))
     r, g_r, g_v = _decode_residual(p["W_dec"], codes.values, codes.indices, -xc, 2 / tv)
-    pairs = _pairs(codes.indices, codes.values, mx.where(codes.selected > 0, g_v, 0), k)
+    g_pre = mx.where(codes.selected > 0, g_v, 0)
     grads = mx.compile(lambda q, xs: _slice_grads(q, xs, tv, inv_n, tsf, 0, consts))
     a, b = grads(p, half), grads(p, x[batch // 2:])
-    mx.eval(pre, codes, r, g_r, g_v, pairs, a, b)
+    mx.eval(pre, codes, r, g_r, g_v, g_pre, a, b)
     s0, s1 = cpu_streams()
 
     def halves(q, xs):
@@ -130,8 +134,9 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
         "decode_and_code_grads": (on_stream(mx.compile(
             lambda w, v, i, o: _decode_residual(w, v, i, o, 2 / tv)), s0),
             (p["W_dec"], codes.values, codes.indices, -xc), True),
-        "weight_grads": (on_stream(mx.compile(lambda q, c, g: _weight_grads(q, c, g, h, mode)),
-                                   s0), (pairs, xc, g_r), True),
+        "weight_grads": (on_stream(mx.compile(
+            lambda i, g, c, v, r: _weight_grads(i, g, c, v, r, h, mode)), s0),
+            (codes.indices, g_pre, xc, codes.values, g_r), True),
         "half": (on_stream(grads, s0), (p, half), False),
         "both_halves": (halves, (p, x), False),
         "combine_grads": (lambda: (on_stream(enc_grads, s0)(p, a, b),
@@ -152,16 +157,16 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
     return row
 
 
-def time_step(step, state: dict, batches: list, steps: int) -> float:
-    """Seconds per step after one warm-up (compile) step."""
+def time_step(step, state: dict, batches: list, steps: int, dead: int = 0
+              ) -> tuple[float, float]:
+    """Wall and CPU seconds per step after one warm-up (compile) step, each step from
+    ``state`` (so its ``dead`` latents stay dead)."""
     lr, t = mx.array(1e-3), mx.array(1.0)
-    state, out = step(state, batches[0], lr, t, 0)
-    mx.eval(state, out)
-    start = time.perf_counter()
+    mx.eval(step(state, batches[0], lr, t, dead))
+    start, start_cpu = time.perf_counter(), time.process_time()
     for i in range(steps):
-        state, out = step(state, batches[(i + 1) % len(batches)], lr, t, 0)
-        mx.eval(state, out)
-    return (time.perf_counter() - start) / steps
+        mx.eval(step(state, batches[(i + 1) % len(batches)], lr, t, dead))
+    return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
 
 
 def bench_shape(expansion: int, k: int, batch: int, steps: int, modes: list[str],
@@ -176,13 +181,49 @@ def bench_shape(expansion: int, k: int, batch: int, steps: int, modes: list[str]
     for mode in modes:
         consts = StepConsts.from_config(cfg, D, sae.d_hidden, grad_mode=mode)
         with blas_threads(1):  # as train.py runs the fast step
-            sec = time_step(make_fast_step(consts), state, batches, steps)
+            sec, _ = time_step(make_fast_step(consts), state, batches, steps)
         row[f"fast_{mode}_tok_s"] = round(batch / sec)
         row[f"fast_{mode}_peak_fraction"] = round(flops / sec / 1e9 / peak, 3)
     consts = StepConsts.from_config(cfg, D, sae.d_hidden)
-    sec = time_step(lambda *a: reference_step(*a, consts), state, batches, max(2, steps // 2))
+    sec, _ = time_step(lambda *a: reference_step(*a, consts), state, batches, max(2, steps // 2))
     row["reference_tok_s"] = round(batch / sec)
     return row
+
+
+def steps_at(rev: str):
+    """saelab/steps.py as of git revision ``rev``, as a module (same saelab otherwise)."""
+    repo = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:saelab/steps.py"], cwd=repo, check=True,
+                         capture_output=True, text=True).stdout
+    module = sys.modules[f"steps_at_{rev}"] = types.ModuleType(f"steps_at_{rev}")
+    exec(compile(src, f"{rev}:saelab/steps.py", "exec"), module.__dict__)
+    return module
+
+
+def compare_shape(expansion: int, k: int, batch: int, deads: list[int], steps: int,
+                  reps: int, rev: str, old) -> list[dict]:
+    """The fast step against ``old``'s (steps.py at ``rev``), alternating reps of
+    ``steps`` steps, with each count of dead latents: medians of tok/s and CPU ms."""
+    cfg = SAEConfig(expansion_factor=expansion, k=k, batch_size=batch)
+    sae = SAE(D, expansion * D, k)
+    batches = [mx.random.normal((batch, D), key=mx.random.key(i)) * 4 for i in range(3)]
+    sides = {"now": make_fast_step(StepConsts.from_config(cfg, D, sae.d_hidden)),
+             rev: old.make_fast_step(old.StepConsts.from_config(cfg, D, sae.d_hidden))}
+    rows = []
+    for dead in deads:
+        state, got = new_state(sae, dead), {side: [] for side in sides}
+        with blas_threads(1):
+            for _ in range(reps):
+                for side, step in sides.items():
+                    got[side].append(time_step(step, state, batches, steps, dead))
+        row = {"expansion": expansion, "k": k, "batch": batch, "dead": dead}
+        for side, times in got.items():
+            row[f"{side}_tok_s"] = sorted(round(batch / w) for w, _ in times)
+            row[f"{side}_cpu_ms"] = round(1e3 * sorted(c for _, c in times)[reps // 2], 1)
+        row["ratio"] = round(sorted(w for w, _ in got[rev])[reps // 2]
+                             / sorted(w for w, _ in got["now"])[reps // 2], 3)
+        rows.append(row)
+    return rows
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -200,21 +241,33 @@ def main() -> None:
                     "(default: segment,dense; with --profile: choose_grad_mode's)")
     ap.add_argument("--profile", action="store_true", help="time the fast step's blocks")
     ap.add_argument("--shapes", help="expansion:k:batch,... instead of the default shapes")
+    ap.add_argument("--against", metavar="REV", help="time the fast step against "
+                    "saelab/steps.py at git revision REV instead, alternating")
+    ap.add_argument("--dead", default="0", help="with --against: dead latents, N,...")
+    ap.add_argument("--reps", type=int, default=3, help="with --against: reps per side")
     args = ap.parse_args()
     shapes = PROFILE_SHAPES if args.profile else SHAPES
     if args.shapes:
         shapes = [parse_shape(s) for s in args.shapes.split(",")]
-    peak = matmul_peak()
-    if args.profile:
+    load_start, peak = [round(x, 2) for x in os.getloadavg()], matmul_peak()
+    if args.against:
+        old, deads = steps_at(args.against), [int(n) for n in args.dead.split(",")]
+        rows = [r for e, k, b in shapes
+                for r in compare_shape(e, k, b, deads, args.steps, args.reps, args.against, old)]
+    elif args.profile:
         rows = [profile_shape(e, k, b, args.steps, mode)
                 for e, k, b in shapes for mode in (args.modes or "auto").split(",")]
     else:
         modes = (args.modes or "segment,dense").split(",")
         rows = [bench_shape(e, k, b, args.steps, modes, peak) for e, k, b in shapes]
-    print(json.dumps({"benchmark": "train_step_profile" if args.profile else "train_step",
+    name = "train_step_against" if args.against else \
+        "train_step_profile" if args.profile else "train_step"
+    print(json.dumps({"benchmark": name, "against": args.against,
                       "device": str(mx.default_device()),
                       "blas": STATE.blas, "malloc_tuned": STATE.malloc_tuned,
                       "saelab": saelab.__version__, "matmul_peak_gflops": round(peak, 1),
+                      "matmul_peak_end_gflops": round(matmul_peak(), 1),
+                      "loadavg_start": load_start,
                       "loadavg": [round(x, 2) for x in os.getloadavg()], "d_model": D,
                       "shapes": rows}))
 

@@ -4,9 +4,10 @@ reference step it is tested against.
 Both give the same update from the same state and batch (tested):
 ``reference_step`` (autodiff + argpartition, uncompiled) and the fast step
 (``make_fast_step``: hand-written gradients, block top-k, gather decode,
-segment-sum weight gradients; the batch's two token halves on the two CPU
-streams, then the encoder's and the decoder's updates one per stream; block
-timings in benchmarks/README.md). Both minimize
+segment-sum weight gradients, AuxK as dense products over the dead latents'
+columns only; the batch's two token halves on the two CPU streams, then the
+encoder's and the decoder's updates one per stream; block timings in
+benchmarks/README.md). Both minimize
 
     loss = FVU + auxk_coefficient * AuxK + l1_coefficient * L1
 
@@ -77,9 +78,8 @@ class StepConsts:
     betas: tuple[float, float]
     tied: bool
     grad_mode: str | None
-    """Weight-gradient form: ``segment`` (sorted segment-sums), ``dense`` (BLAS matmul),
-    or None: ``choose_grad_mode`` by the shape of each compiled step (k plus its AuxK
-    width)."""
+    """Top-k weight-gradient form: ``segment`` (sorted segment-sums), ``dense`` (BLAS
+    matmul), or None: ``choose_grad_mode`` by k and d_hidden."""
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, d_model: int, d_hidden: int,
@@ -93,20 +93,21 @@ class StepConsts:
                    grad_mode=grad_mode)
 
     def aux_width(self, num_dead: int) -> int:
-        """Latents the AuxK top-k selects: all dead ones up to k_aux, in power-of-2
-        buckets (>= 16) so only a few step shapes get compiled."""
+        """Columns (latents) the AuxK pass reads: the dead ones, padded to a power-of-2
+        bucket (>= 16) so only a few step shapes get compiled; capped at k_aux when at
+        most k_aux are dead (all are selected), else at d_hidden (top k_aux of them)."""
         if not self.k_aux or not num_dead:
             return 0
-        return min(self.k_aux, max(16, 1 << (min(num_dead, self.k_aux) - 1).bit_length()))
+        bucket = max(16, 1 << (num_dead - 1).bit_length())
+        return min(bucket, self.k_aux if num_dead <= self.k_aux else self.d_hidden)
 
 
 def choose_grad_mode(k: int, d_hidden: int) -> str:
-    """Weight-gradient form by shape, for ``k`` gradient pairs per token (top-k plus
-    AuxK): the sorted segment-sum costs ~k per token, the dense matmul ~d_hidden;
-    the segment-sum wins from ``GATHER_RATIO`` latents per pair,
-    the same crossover as the decode's gather (benchmarks/README.md, "Step profile").
-    A fixed rule, not a timing probe, so a run's arithmetic (and result) does not
-    depend on machine load."""
+    """Top-k weight-gradient form by shape, for ``k`` pairs per token: the sorted
+    segment-sum costs ~k per token, the dense matmul ~d_hidden; the segment-sum wins
+    from ``GATHER_RATIO`` latents per pair, the same crossover as the decode's gather
+    (benchmarks/README.md, "Step profile"). A fixed rule, not a timing probe, so a
+    run's arithmetic (and result) does not depend on machine load."""
     return "segment" if k * GATHER_RATIO <= d_hidden else "dense"
 
 
@@ -197,49 +198,6 @@ def reference_step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead
                                  dead=mx.sum(new["tsf"] > consts.dead_threshold))
 
 
-class _Pairs(NamedTuple):
-    """The (token, latent) pairs a step's weight gradients sum over: each token's
-    ``k`` top-k slots, then its AuxK slots (if any)."""
-
-    idx: mx.array
-    """[n, kk] latent of each slot."""
-    codes: mx.array
-    """[n, kk] code values: the decoder gradient's weights."""
-    g_pre: mx.array
-    """[n, kk] pre-activation gradients: the encoder gradient's weights."""
-    row: mx.array
-    """[n, kk] row of ``g_out`` each slot's decoder gradient reads: the token for
-    top-k slots, ``n`` + the token for AuxK slots."""
-
-
-def _pairs(idx: mx.array, codes: mx.array, g_pre: mx.array, k: int) -> _Pairs:
-    n, kk = idx.shape
-    row = mx.arange(n, dtype=mx.uint32)[:, None] + n * (mx.arange(kk) >= k).astype(mx.uint32)
-    return _Pairs(idx, codes, g_pre, row)
-
-
-def _weight_grads(pairs: _Pairs, xc: mx.array, g_out: mx.array, h: int, mode: str
-                  ) -> tuple[mx.array, mx.array]:
-    """(encoder, decoder) weight gradients: ``enc[l] = sum g_pre * xc[token]`` and
-    ``dec[l] = sum codes * g_out[row]`` over the pairs at latent l. ``segment``
-    sorts the pairs by latent once for both; ``dense`` multiplies scattered
-    [tokens, latents] codes (BLAS)."""
-    n, kk = pairs.idx.shape
-    if mode == "dense":
-        tok = mx.arange(n)[:, None]
-        enc = mx.zeros((n, h)).at[tok, pairs.idx].add(pairs.g_pre)  # add: AuxK may repeat a latent
-        dec = mx.zeros((g_out.shape[0], h)).at[pairs.row, pairs.idx].add(pairs.codes)
-        return enc.T @ xc, dec.T @ g_out
-    flat, row = pairs.idx.reshape(-1), pairs.row.reshape(-1)
-    order = mx.argsort(flat)
-    counts = mx.zeros((h,), mx.int32).at[flat].add(1)
-    ends = mx.cumsum(counts)
-    segments = mx.stack([ends - counts, ends], axis=-1).astype(mx.uint32)
-    enc = mx.segmented_mm(pairs.g_pre.reshape(-1)[order][None], xc[order // kk], segments)
-    dec = mx.segmented_mm(pairs.codes.reshape(-1)[order][None], g_out[row[order]], segments)
-    return enc.reshape(h, -1), dec.reshape(h, -1)
-
-
 def _decode_residual(w_dec: mx.array, values: mx.array, idx: mx.array, offset: mx.array,
                      coef: mx.array) -> tuple[mx.array, ...]:
     """(resid, g_out, g_values): ``resid = decode + offset``, the loss ``coef / 2 *
@@ -248,6 +206,49 @@ def _decode_residual(w_dec: mx.array, values: mx.array, idx: mx.array, offset: m
     resid = decode_codes(w_dec, values, idx) + offset
     g_out = coef * resid
     return resid, g_out, decode_codes_vjp(w_dec, idx, g_out)
+
+
+def _auxk(pre: mx.array, tsf: mx.array, w_dec: mx.array, r: mx.array, coef: mx.array,
+          width: int, consts: StepConsts) -> tuple[mx.array, ...]:
+    """AuxK over the ``width`` columns of the dead latents only, as dense [n, width]
+    codes (unselected and padding columns 0): (cols, codes, g_pre, e, g_e, g_codes)
+    with ``e`` AuxK's decode plus ``r`` and ``g_e = coef * e``. Exactly sparsify's
+    AuxK: every dead latent when they are at most k_aux, else their top k_aux."""
+    h = pre.shape[1]
+    ar = mx.arange(h)
+    key = mx.sort(mx.where(tsf > consts.dead_threshold, ar, ar + h))[:width]  # dead first
+    cols = key % h
+    cand = mx.where(key < h, mx.take(pre, cols, axis=1), -mx.inf)
+    if width > consts.k_aux:
+        pos = block_topk(cand, consts.k_aux)
+        cand = mx.put_along_axis(mx.full(cand.shape, -mx.inf), pos,
+                                 mx.take_along_axis(cand, pos, axis=1), axis=1)
+    codes, w = mx.maximum(cand, 0), w_dec[cols]
+    e = codes @ w + r
+    g_e = coef * e
+    g_codes = g_e @ w.T
+    return cols, codes, mx.where(cand > 0, g_codes, 0), e, g_e, g_codes
+
+
+def _weight_grads(idx: mx.array, g_pre: mx.array, xc: mx.array, codes: mx.array,
+                  g_r: mx.array, h: int, mode: str) -> tuple[mx.array, mx.array]:
+    """(encoder, decoder) weight gradients over the top-k pairs: ``enc[l] = sum g_pre *
+    xc[token]`` and ``dec[l] = sum codes * g_r[token]`` over the pairs at latent l.
+    ``segment`` sorts the pairs by latent once for both; ``dense`` multiplies
+    scattered [tokens, latents] codes (BLAS)."""
+    if mode == "dense":
+        def dense(w):
+            return mx.put_along_axis(mx.zeros((idx.shape[0], h)), idx, w, axis=1).T
+        return dense(g_pre) @ xc, dense(codes) @ g_r
+    flat = idx.reshape(-1)
+    order = mx.argsort(flat)
+    counts = mx.zeros((h,), mx.int32).at[flat].add(1)
+    ends = mx.cumsum(counts)
+    segments = mx.stack([ends - counts, ends], axis=-1).astype(mx.uint32)
+    token = order // idx.shape[1]
+    enc = mx.segmented_mm(g_pre.reshape(-1)[order][None], xc[token], segments)
+    dec = mx.segmented_mm(codes.reshape(-1)[order][None], g_r[token], segments)
+    return enc.reshape(h, -1), dec.reshape(h, -1)
 
 
 class _Partial(NamedTuple):
@@ -284,28 +285,25 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
     idx, v = codes.indices, codes.values
     r, g_r, g_v = _decode_residual(w_dec, v, idx, -xc, 2 / tv)  # r = recon - x
     g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient * inv_n, 0)
-    pairs, g_out, g_codes = _pairs(idx, v, g_pre, k), g_r, g_v
+    mode = consts.grad_mode or choose_grad_mode(k, h)
+    g_wenc, g_wdec = _weight_grads(idx, g_pre, xc, v, g_r, h, mode)
+    flat = idx.reshape(-1)
+    g_benc = mx.zeros((h,)).at[flat].add(g_pre.reshape(-1))
+    proj = mx.zeros((h,)).at[flat].add((v * g_v).reshape(-1))
     aux_sq = mx.array(0.0)
     if aux_width:
-        dead = tsf > consts.dead_threshold
-        scale = mx.minimum(mx.sum(dead).astype(mx.float32) / consts.k_aux, 1.0)
-        aux = topk_codes(mx.where(dead, pre, -mx.inf), aux_width, select=block_topk)
+        scale = mx.minimum(mx.sum(tsf > consts.dead_threshold).astype(mx.float32)
+                           / consts.k_aux, 1.0)
         coef = 2 * consts.auxk_coefficient * scale / tv
         # e = e_hat - (x - recon): AuxK's decode of the dead latents against the residual
-        e, g_e, g_av = _decode_residual(w_dec, aux.values, aux.indices, r, coef)
+        cols, aux_v, aux_g, e, g_e, g_av = _auxk(pre, tsf, w_dec, r, coef, aux_width, consts)
         aux_sq = mx.sum(mx.square(e))
-        pairs = _pairs(mx.concatenate([idx, aux.indices], axis=1),
-                       mx.concatenate([v, aux.values], axis=1),
-                       mx.concatenate([g_pre, mx.where(aux.selected > 0, g_av, 0)], axis=1), k)
-        g_out, g_codes = mx.concatenate([g_r, g_e], axis=0), mx.concatenate([g_v, g_av], axis=1)
-    mode = consts.grad_mode or choose_grad_mode(pairs.idx.shape[1], h)
-    g_wenc, g_wdec = _weight_grads(pairs, xc, g_out, h, mode)
-    flat = pairs.idx.reshape(-1)
-    return _Partial(g_wenc, g_wdec, mx.zeros((h,)).at[flat].add(pairs.g_pre.reshape(-1)),
-                    mx.sum(g_r, axis=0),
-                    mx.zeros((h,)).at[flat].add((pairs.codes * g_codes).reshape(-1)),
-                    mx.zeros((h,), mx.int32).at[idx.reshape(-1)].add(
-                        (v > 0).reshape(-1).astype(mx.int32)),
+        g_wenc = g_wenc.at[cols].add(aux_g.T @ xc)  # cols are distinct latents
+        g_wdec = g_wdec.at[cols].add(aux_v.T @ g_e)
+        g_benc = g_benc.at[cols].add(mx.sum(aux_g, axis=0))
+        proj = proj.at[cols].add(mx.sum(aux_v * g_av, axis=0))
+    return _Partial(g_wenc, g_wdec, g_benc, mx.sum(g_r, axis=0), proj,
+                    mx.zeros((h,), mx.int32).at[flat].add((v > 0).reshape(-1).astype(mx.int32)),
                     mx.stack([mx.sum(mx.square(r)), aux_sq, mx.sum(v),
                               mx.sum(v > 0).astype(mx.float32)]))
 
@@ -339,8 +337,9 @@ def _dec_update(state: dict, g: mx.array, sq_norm: mx.array, lr: mx.array, t: mx
 
 
 def make_fast_step(consts: StepConsts):
-    """The fast step, with the reference step's signature minus consts. Each piece is
-    compiled on its own and placed on a stream here: inside one ``mx.compile`` the
+    """The fast step, with the reference step's signature minus consts (``num_dead``
+    must be the count of dead latents in ``state["tsf"]``, as the loop passes it).
+    Each piece is compiled on its own and placed on a stream here: inside one ``mx.compile`` the
     graph's shared constants join the two streams' work and they run one after the
     other (benchmarks/README.md, "Step profile"). One compiled half-step per AuxK
     width bucket (see StepConsts.aux_width)."""

@@ -1,4 +1,5 @@
-"""The fast step's token-half split at its edges: batches too small to halve, odd halves."""
+"""The fast step against the reference step at its edges: batches too small to halve,
+odd halves, AuxK over few, many and all latents dead."""
 
 import mlx.core as mx
 import numpy as np
@@ -11,8 +12,8 @@ from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
 D, H, K = 32, 256, 4
 
 
-def _state(seed: int = 0) -> dict:
-    params = dict(SAE(D, H, K, seed=seed).trainable_parameters())
+def _state(seed: int = 0, tied: bool = False) -> dict:
+    params = dict(SAE(D, H, K, seed=seed, tied_weights=tied).trainable_parameters())
     return {"params": params, "m": {k: mx.zeros_like(p) for k, p in params.items()},
             "v": {k: mx.zeros_like(p) for k, p in params.items()},
             "tsf": mx.zeros((H,), mx.int32)}
@@ -32,3 +33,35 @@ def test_tiny_batches_match_the_reference(tokens):
             got, want = np.array(fast["params"][key]), np.array(want)
             assert np.allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max()), key
     assert np.array_equal(np.array(fast["tsf"]), np.array(ref["tsf"]))
+
+
+@pytest.mark.parametrize("dead,k_aux,mode,tied", [
+    (5, None, None, False),  # fewer dead than k_aux: every dead latent, padded to 16 columns
+    (16, None, "dense", False),  # exactly k_aux
+    (40, None, None, True),  # more dead than k_aux: top 16 of 64 columns
+    (200, 24, "dense", False),  # top 24 of all 256 columns
+    (256, None, None, False)])  # every latent dead
+def test_auxk_over_dead_columns_matches_the_reference(dead, k_aux, mode, tied):
+    cfg = SAEConfig(expansion_factor=H // D, k=K, k_aux=k_aux, tied_weights=tied)
+    consts = StepConsts.from_config(cfg, D, H, grad_mode=mode)
+    state = _state(1, tied)
+    picked = np.random.default_rng(dead).choice(H, dead, replace=False)
+    state["tsf"] = mx.array(np.where(np.isin(np.arange(H), picked), 10**6, 0).astype(np.int32))
+    x, lr, t = mx.random.normal((64, D), key=mx.random.key(7)) * 3, mx.array(1e-3), mx.array(1.0)
+    fast, fast_out = make_fast_step(consts)(state, x, lr, t, dead)
+    ref, ref_out = reference_step(state, x, lr, t, dead, consts)
+    got, want = StepMetrics.read(fast_out), StepMetrics.read(ref_out)
+    assert want.auxk > 0 and np.allclose(got, want, rtol=1e-4), (got, want)
+    for part in ("params", "m", "v"):
+        for key, ref_value in ref[part].items():
+            a, b = np.array(fast[part][key]), np.array(ref_value)
+            assert np.allclose(a, b, rtol=1e-3, atol=1e-5 * np.abs(b).max()), (part, key)
+    assert np.array_equal(np.array(fast["tsf"]), np.array(ref["tsf"]))
+
+
+def test_aux_width_buckets_the_dead_latents():
+    consts = StepConsts.from_config(SAEConfig(expansion_factor=H // D, k=K, k_aux=48), D, H)
+    assert [consts.aux_width(n) for n in (0, 1, 16, 17, 40, 48, 49, 100, 256)] == \
+        [0, 16, 16, 32, 48, 48, 64, 128, 256]
+    off = StepConsts.from_config(SAEConfig(expansion_factor=H // D, k=K, auxk=False), D, H)
+    assert off.aux_width(100) == 0

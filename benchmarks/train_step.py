@@ -38,9 +38,9 @@ import mlx.core as mx
 from saelab.accel import STATE, blas_threads
 from saelab.config import SAEConfig
 from saelab.sae import SAE, pre_activations, topk_codes
-from saelab.steps import (StepConsts, _dec_grad, _dec_update, _decode_residual, _enc_grads,
-                          _enc_update, _slice_grads, _weight_grads, choose_grad_mode,
-                          make_fast_step, reference_step)
+from saelab.steps import (StepConsts, StepMetrics, _dec_grad, _dec_update, _decode_residual,
+                          _enc_grads, _enc_update, _slice_grads, _weight_grads,
+                          choose_grad_mode, make_fast_step, reference_step)
 from saelab.topk import block_topk, cpu_streams
 
 D = 576
@@ -159,13 +159,18 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
 
 def time_step(step, state: dict, batches: list, steps: int, dead: int = 0
               ) -> tuple[float, float]:
-    """Wall and CPU seconds per step after one warm-up (compile) step, each step from
-    ``state`` (so its ``dead`` latents stay dead)."""
+    """Wall and CPU seconds per step after one warm-up (compile) step, run as train.py
+    runs it (queued with ``async_eval``, the metrics read every step). With dead
+    latents every step starts from ``state`` (so they stay dead), else from the last."""
     lr, t = mx.array(1e-3), mx.array(1.0)
     mx.eval(step(state, batches[0], lr, t, dead))
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, start_cpu, current = time.perf_counter(), time.process_time(), state
     for i in range(steps):
-        mx.eval(step(state, batches[(i + 1) % len(batches)], lr, t, dead))
+        new, out = step(current, batches[(i + 1) % len(batches)], lr, t, dead)
+        mx.async_eval(new, out)
+        StepMetrics.read(out)
+        current = current if dead else new
+    mx.eval(new)
     return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
 
 
@@ -213,6 +218,8 @@ def compare_shape(expansion: int, k: int, batch: int, deads: list[int], steps: i
     for dead in deads:
         state, got = new_state(sae, dead), {side: [] for side in sides}
         with blas_threads(1):
+            for step in sides.values():  # untimed: a side's first rep ran slower
+                time_step(step, state, batches, 2, dead)
             for _ in range(reps):
                 for side, step in sides.items():
                     got[side].append(time_step(step, state, batches, steps, dead))

@@ -27,7 +27,8 @@ def canonical_component(component: str) -> str:
     return name
 
 
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+def check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise the one-line error for bad input unless ``cond``: key, value, what is allowed."""
     if not cond:
         raise ValueError(f"{name}={value!r} is not valid; allowed: {allowed}")
 
@@ -47,8 +48,8 @@ class ModelConfig:
     ``float16`` or ``bfloat16`` (fast on Apple silicon)."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.name", self.name, "a model name, hub id or path")
-        _check(self.dtype in ("float32", "float16", "bfloat16"), "model.dtype", self.dtype,
+        check(bool(self.name), "model.name", self.name, "a model name, hub id or path")
+        check(self.dtype in ("float32", "float16", "bfloat16"), "model.dtype", self.dtype,
                "float32, float16, bfloat16")
 
 
@@ -99,17 +100,17 @@ class DataConfig:
     held-out documents of a few shards, the same for every trial of a cache."""
 
     def __post_init__(self) -> None:
-        _check(self.source in ("pydocs", "files", "hub"), "data.source", self.source,
+        check(self.source in ("pydocs", "files", "hub"), "data.source", self.source,
                "pydocs, files, hub")
         if self.source == "files":
-            _check(len(self.paths) > 0, "data.paths", list(self.paths), "at least one file")
+            check(len(self.paths) > 0, "data.paths", list(self.paths), "at least one file")
         if self.source == "hub":
-            _check(bool(self.name), "data.name", self.name, "a datasets name, e.g. wikitext")
-        _check(self.max_tokens > 0, "data.max_tokens", self.max_tokens, "a positive integer")
-        _check(self.context_length >= 2, "data.context_length", self.context_length, ">= 2")
-        _check(self.shuffle_buffer_tokens >= 1, "data.shuffle_buffer_tokens",
+            check(bool(self.name), "data.name", self.name, "a datasets name, e.g. wikitext")
+        check(self.max_tokens > 0, "data.max_tokens", self.max_tokens, "a positive integer")
+        check(self.context_length >= 2, "data.context_length", self.context_length, ">= 2")
+        check(self.shuffle_buffer_tokens >= 1, "data.shuffle_buffer_tokens",
                self.shuffle_buffer_tokens, "a positive integer")
-        _check(self.max_val_tokens >= 1, "data.max_val_tokens", self.max_val_tokens,
+        check(self.max_val_tokens >= 1, "data.max_val_tokens", self.max_val_tokens,
                "a positive integer")
 
 
@@ -123,7 +124,7 @@ class SAEConfig:
     k: int = 32
     """Active latents per token (TopK sparsity, so L0 == k exactly)."""
 
-    learning_rate: float = 1e-3
+    learning_rate: float = 1.25e-3
     """Peak Adam learning rate (reached after warm-up)."""
 
     num_epochs: int = 3
@@ -142,15 +143,14 @@ class SAEConfig:
     warmup_fraction: float = 0.05
     """Warm-up as a fraction of all steps (used when ``warmup_steps`` is unset)."""
 
-    lr_decay: str = "constant"
-    """Schedule after warm-up: ``constant`` (as the reference; benchmarks/README.md
-    "Quality": nmse 0.1048 vs 0.1096 for ``cosine``), ``cosine`` or ``linear`` (both
-    to ``min_lr_ratio``)."""
+    lr_decay: str = "linear"
+    """Schedule after warm-up: ``linear`` or ``cosine`` decay to ``min_lr_ratio`` over the last
+    ``decay_fraction`` of steps, or ``constant`` (benchmarks/README.md, "Quality")."""
 
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak (``cosine``, ``linear``)."""
 
-    decay_fraction: float = 1.0
+    decay_fraction: float = 0.2
     """The decay (``cosine``, ``linear``) takes the run's last this fraction of steps,
     the rate staying at its peak before (SAELens' ``lr_decay_steps``, as a fraction)."""
 
@@ -186,10 +186,9 @@ class SAEConfig:
     auxk_coefficient: float = 1.0 / 32
     """Weight of the AuxK loss."""
 
-    dead_tokens_threshold: int = 100_000
-    """A latent is dead if it has not fired in this many training tokens. 10,000 on the
-    quality recipe: 0.38% vs 1.03% never fire on validation, nmse 0.1056 vs 0.1057, but 70
-    stay dead at its end (a step with 70 dead takes 1.02-1.09x one with none: AuxK)."""
+    dead_tokens_threshold: int = 10_000
+    """A latent is dead (AuxK trains it) if it has not fired in this many training tokens;
+    AuxK reads only the dead latents, so it costs little (benchmarks/README.md, "Quality")."""
 
     resample_every: Optional[int] = None
     """Resample dead latents every this many steps, except in the last this many
@@ -242,55 +241,55 @@ class SAEConfig:
     """W&B group (sweeps set it to the study name)."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.expansion_factor, int) and self.expansion_factor >= 1,
+        check(isinstance(self.expansion_factor, int) and self.expansion_factor >= 1,
                "expansion_factor", self.expansion_factor, "an integer >= 1")
-        _check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
-        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate",
+        check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
+        check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate",
                self.learning_rate, "a positive finite float")
-        _check(self.num_epochs >= 1, "num_epochs", self.num_epochs, "an integer >= 1")
-        _check(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
+        check(self.num_epochs >= 1, "num_epochs", self.num_epochs, "an integer >= 1")
+        check(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
                self.train_tokens, "a positive integer or None")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps",
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps",
                self.warmup_steps, "an integer >= 0 or None")
-        _check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction,
+        check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction,
                "a fraction in [0, 1)")
-        _check(self.lr_decay in ("cosine", "linear", "constant"), "lr_decay", self.lr_decay,
+        check(self.lr_decay in ("cosine", "linear", "constant"), "lr_decay", self.lr_decay,
                "cosine, linear, constant")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "[0, 1]")
-        _check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", self.decay_fraction, "(0, 1]")
-        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+        check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "[0, 1]")
+        check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", self.decay_fraction, "(0, 1]")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
                "adam_betas", self.adam_betas, "two floats in [0, 1)")
-        _check(0.0 < self.validation_split < 0.5, "validation_split", self.validation_split,
+        check(0.0 < self.validation_split < 0.5, "validation_split", self.validation_split,
                "a fraction in (0, 0.5)")
-        _check(self.input_norm_target is None or (self.input_norm_target > 0
+        check(self.input_norm_target is None or (self.input_norm_target > 0
                                                   and math.isfinite(self.input_norm_target)),
                "input_norm_target", self.input_norm_target, "a positive finite float or None")
-        _check(self.gradient_clip >= 0, "gradient_clip", self.gradient_clip, ">= 0")
-        _check(self.l1_coefficient >= 0, "l1_coefficient", self.l1_coefficient, ">= 0")
-        _check(self.k_aux is None or self.k_aux >= 1, "k_aux", self.k_aux, ">= 1 or None")
-        _check(self.auxk_coefficient >= 0, "auxk_coefficient", self.auxk_coefficient, ">= 0")
-        _check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold",
+        check(self.gradient_clip >= 0, "gradient_clip", self.gradient_clip, ">= 0")
+        check(self.l1_coefficient >= 0, "l1_coefficient", self.l1_coefficient, ">= 0")
+        check(self.k_aux is None or self.k_aux >= 1, "k_aux", self.k_aux, ">= 1 or None")
+        check(self.auxk_coefficient >= 0, "auxk_coefficient", self.auxk_coefficient, ">= 0")
+        check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold",
                self.dead_tokens_threshold, ">= 1")
-        _check(self.resample_every is None or self.resample_every >= 1, "resample_every",
+        check(self.resample_every is None or self.resample_every >= 1, "resample_every",
                self.resample_every, "an integer >= 1 (steps) or None")
-        _check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "b_dec_init",
+        check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "b_dec_init",
                self.b_dec_init, "geometric_median, mean, zeros")
-        _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
-        _check(self.eval_every is None or self.eval_every >= 1, "eval_every", self.eval_every,
+        check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        check(self.eval_every is None or self.eval_every >= 1, "eval_every", self.eval_every,
                ">= 1 or None")
-        _check(self.eval_tokens is None or self.eval_tokens >= 1, "eval_tokens",
+        check(self.eval_tokens is None or self.eval_tokens >= 1, "eval_tokens",
                self.eval_tokens, ">= 1 or None")
-        _check(self.downstream_eval in ("end", "every", "off"), "downstream_eval",
+        check(self.downstream_eval in ("end", "every", "off"), "downstream_eval",
                self.downstream_eval, "end, every, off")
-        _check(self.downstream_sequences >= 1, "downstream_sequences",
+        check(self.downstream_sequences >= 1, "downstream_sequences",
                self.downstream_sequences, "an integer >= 1")
 
     def check_dims(self, d_model: int, prefix: str = "") -> None:
         """Checks that need the input width (k must fit in d_hidden); ``prefix="sae."``
         when this is a TrialConfig's section."""
         d_hidden = self.expansion_factor * d_model
-        _check(self.k <= d_hidden, f"{prefix}k", self.k,
+        check(self.k <= d_hidden, f"{prefix}k", self.k,
                f"at most d_hidden = {prefix}expansion_factor * d_model = {d_hidden}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -356,22 +355,22 @@ class StudyConfig:
     """Times a trial killed with its worker is re-run with the same params."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "study.name", self.name, "a non-empty study name")
-        _check(bool(self.storage), "study.storage", self.storage, "an Optuna storage URL")
-        _check(self.n_trials >= 1, "study.n_trials", self.n_trials, "an integer >= 1")
-        _check(self.n_jobs >= 1, "study.n_jobs", self.n_jobs, "an integer >= 1")
-        _check(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
+        check(bool(self.name), "study.name", self.name, "a non-empty study name")
+        check(bool(self.storage), "study.storage", self.storage, "an Optuna storage URL")
+        check(self.n_trials >= 1, "study.n_trials", self.n_trials, "an integer >= 1")
+        check(self.n_jobs >= 1, "study.n_jobs", self.n_jobs, "an integer >= 1")
+        check(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
                "study.objectives", list(self.objectives), "one or more distinct metric names")
-        _check(self.sampler in SAMPLERS, "study.sampler", self.sampler, ", ".join(SAMPLERS))
-        _check(self.pruner in PRUNERS, "study.pruner", self.pruner, ", ".join(PRUNERS))
-        _check(0.0 < self.max_dead_fraction <= 1.0, "study.max_dead_fraction",
+        check(self.sampler in SAMPLERS, "study.sampler", self.sampler, ", ".join(SAMPLERS))
+        check(self.pruner in PRUNERS, "study.pruner", self.pruner, ", ".join(PRUNERS))
+        check(0.0 < self.max_dead_fraction <= 1.0, "study.max_dead_fraction",
                self.max_dead_fraction, "a fraction in (0, 1]")
-        _check(self.max_loss_ratio > 1.0, "study.max_loss_ratio", self.max_loss_ratio, "> 1")
-        _check(self.heartbeat_interval >= 1, "study.heartbeat_interval", self.heartbeat_interval,
+        check(self.max_loss_ratio > 1.0, "study.max_loss_ratio", self.max_loss_ratio, "> 1")
+        check(self.heartbeat_interval >= 1, "study.heartbeat_interval", self.heartbeat_interval,
                "an integer >= 1 (seconds)")
-        _check(self.grace_period > self.heartbeat_interval, "study.grace_period",
+        check(self.grace_period > self.heartbeat_interval, "study.grace_period",
                self.grace_period, f"more than study.heartbeat_interval={self.heartbeat_interval}")
-        _check(self.max_retry >= 0, "study.max_retry", self.max_retry, "an integer >= 0")
+        check(self.max_retry >= 0, "study.max_retry", self.max_retry, "an integer >= 0")
 
 
 @dataclass
@@ -397,4 +396,4 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         self.component = canonical_component(self.component)
-        _check(self.layer >= 0, "layer", self.layer, "an integer >= 0")
+        check(self.layer >= 0, "layer", self.layer, "an integer >= 0")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.config import (DataConfig, ModelConfig, SAEConfig, StudyConfig, TrialConfig,
-                           _check)
+                           check)
 
 USER_SWEEPS = "sweeps"
 """A directory of this name in the current directory holds the user's own sweep files."""
@@ -78,7 +78,7 @@ def _section(prefix: str, cls: type, values: dict[str, Any]) -> Any:
     SAEConfig alone says ``k``, as the guide's Python API spells it)."""
     known = {f.name for f in fields(cls)}
     for key in sorted(set(values) - known):
-        _check(False, f"{prefix}.{key}", values[key], f"the keys of {prefix}: {', '.join(sorted(known))}")
+        check(False, f"{prefix}.{key}", values[key], f"the keys of {prefix}: {', '.join(sorted(known))}")
     try:
         return cls(**values)
     except ValueError as e:

@@ -224,12 +224,13 @@ def test_callback_can_stop_training():
 
 def test_train_tokens_budget_and_schedule():
     cfg = small_cfg(train_tokens=1000, batch_size=100, warmup_steps=2, lr_decay="linear",
-                    min_lr_ratio=0.1, learning_rate=1.0)
+                    min_lr_ratio=0.1, decay_fraction=1.0, learning_rate=1.0)
     lrs = lr_schedule(cfg, 10)
     assert np.allclose(lrs[:3], [0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.1 + 0.9 / 8)
     assert lr_schedule(small_cfg(lr_decay="constant", warmup_fraction=0.0), 5).tolist() == \
         [3e-3] * 5
-    cos = lr_schedule(small_cfg(warmup_fraction=0.1), 100)
+    cos = lr_schedule(small_cfg(warmup_fraction=0.1, lr_decay="cosine", min_lr_ratio=0.1,
+                                decay_fraction=1.0), 100)
     assert cos[9] == pytest.approx(3e-3) and cos.min() >= 3e-4 - 1e-12
     wsd = lr_schedule(small_cfg(warmup_steps=2, lr_decay="linear", min_lr_ratio=0.0,
                                 decay_fraction=0.2, learning_rate=1.0), 20)

@@ -9,7 +9,7 @@ blocks with the system compiler (``cc -O3 -march=native -fno-math-errno``, no Op
 one thread, like each MLX stream) into a temporary directory and times, over the whole
 batch:
 
-- the weight gradients (``steps._weight_grads``, segment form): a counting sort of the
+- the weight gradients (``weight_grads.mlx_weight_grads``, segment form): a counting sort of the
   (token, latent) pairs by latent, then per latent the sums of ``g_pre * xc[token]`` and
   ``codes * g_r[token]``, in the same order (results equal to the bit);
 - top-k selection (``topk.block_topk``): a size-k min-heap per row (index sets equal
@@ -38,7 +38,8 @@ import numpy as np
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
-from saelab.steps import _adam, _weight_grads
+from saelab.steps import _adam
+from saelab.weight_grads import mlx_weight_grads
 from saelab.topk import block_topk
 
 D = 576
@@ -149,7 +150,7 @@ def main() -> None:
         lib.adam.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] + [ctypes.c_float] * 5
 
         m = [mx.array(a) for a in (idx.astype(np.uint32), g_pre, xc, codes, g_r)]
-        mlx_wg = mx.compile(lambda *a: _weight_grads(*a, h, "segment"))
+        mlx_wg = mx.compile(lambda *a: mlx_weight_grads(*a, h, "segment"))
         out["weight_grads_ms"] = {
             "mlx": median_ms(lambda: mx.eval(mlx_wg(*m))),
             "c": median_ms(lambda: lib.weight_grads(ptr(idx), ptr(g_pre), ptr(codes), ptr(xc),

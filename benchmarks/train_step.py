@@ -48,8 +48,9 @@ from saelab.accel import STATE, blas_threads
 from saelab.config import SAEConfig
 from saelab.sae import SAE, pre_activations, topk_codes
 from saelab.steps import (StepConsts, StepMetrics, _dec_grad, _dec_update, _decode_residual,
-                          _enc_grads, _enc_update, _slice_grads, _weight_grads,
-                          choose_grad_mode, make_fast_step, reference_step)
+                          _enc_grads, _enc_update, _slice_grads, make_fast_step,
+                          reference_step)
+from saelab.weight_grads import choose_grad_mode, host_weight_grads, mlx_weight_grads
 from saelab.topk import block_topk, cpu_streams
 
 D = 576
@@ -126,8 +127,10 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
     enc_grads, dec_grad = mx.compile(_enc_grads), mx.compile(_dec_grad)
     enc_update = mx.compile(lambda *u: _enc_update(*u, consts))
     dec_update = mx.compile(lambda *u: _dec_update(*u, consts))
-    g_enc, sq_enc = enc_grads(p, a, b)
-    g_dec, sq_dec = dec_grad(p["W_dec"], a, b)
+    host = (host_weight_grads([a.pairs, b.pairs], h) if a.pairs
+            else (mx.array(0.0), mx.array(0.0)))
+    g_enc, sq_enc = enc_grads(p, a, b, host[0])
+    g_dec, sq_dec = dec_grad(p["W_dec"], a, b, host[1])
     mx.eval(g_enc, sq_enc, g_dec, sq_dec)
 
     def updates(s):
@@ -143,13 +146,15 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
         "decode_and_code_grads": (on_stream(mx.compile(
             lambda w, v, i, o: _decode_residual(w, v, i, o, 2 / tv)), s0),
             (p["W_dec"], codes.values, codes.indices, -xc), True),
-        "weight_grads": (on_stream(mx.compile(
-            lambda i, g, c, v, r: _weight_grads(i, g, c, v, r, h, mode)), s0),
-            (codes.indices, g_pre, xc, codes.values, g_r), True),
+        "weight_grads": ((lambda *u: host_weight_grads([u], h)) if mode == "host" else
+                         on_stream(mx.compile(
+                             lambda i, g, c, v, r: mlx_weight_grads(i, g, c, v, r, h, mode)), s0),
+                         (codes.indices, g_pre, codes.values, xc, g_r) if mode == "host" else
+                         (codes.indices, g_pre, xc, codes.values, g_r), True),
         "half": (on_stream(grads, s0), (p, half), False),
         "both_halves": (halves, (p, x), False),
-        "combine_grads": (lambda: (on_stream(enc_grads, s0)(p, a, b),
-                                   on_stream(dec_grad, s1)(p["W_dec"], a, b)), (), False),
+        "combine_grads": (lambda: (on_stream(enc_grads, s0)(p, a, b, host[0]),
+                                   on_stream(dec_grad, s1)(p["W_dec"], a, b, host[1])), (), False),
         "update": (updates, (state,), False),
     }
     row = {"expansion": expansion, "k": k, "batch": batch, "grad_mode": mode}

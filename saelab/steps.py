@@ -29,9 +29,9 @@ import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
 
 from saelab.config import SAEConfig
-from saelab.sae import (GATHER_RATIO, decode_codes, decode_codes_vjp, pre_activations,
-                        topk_codes)
+from saelab.sae import decode_codes, decode_codes_vjp, pre_activations, topk_codes
 from saelab.topk import argpartition_topk, block_topk, cpu_streams
+from saelab.weight_grads import choose_grad_mode, host_weight_grads, mlx_weight_grads
 
 ADAM_EPS = 1e-8
 _TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
@@ -79,7 +79,7 @@ class StepConsts:
     tied: bool
     grad_mode: str | None
     """Top-k weight-gradient form: ``segment`` (sorted segment-sums), ``dense`` (BLAS
-    matmul), or None: ``choose_grad_mode`` by k and d_hidden."""
+    matmul), ``host`` (``weight_grads.host_weight_grads``, C), or None: ``choose_grad_mode``."""
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, d_model: int, d_hidden: int,
@@ -100,15 +100,6 @@ class StepConsts:
             return 0
         bucket = max(16, 1 << (num_dead - 1).bit_length())
         return min(bucket, self.k_aux if num_dead <= self.k_aux else self.d_hidden)
-
-
-def choose_grad_mode(k: int, d_hidden: int) -> str:
-    """Top-k weight-gradient form by shape, for ``k`` pairs per token: the sorted
-    segment-sum costs ~k per token, the dense matmul ~d_hidden; the segment-sum wins
-    from ``GATHER_RATIO`` latents per pair, the same crossover as the decode's gather
-    (benchmarks/README.md, "Step profile"). A fixed rule, not a timing probe, so a
-    run's arithmetic (and result) does not depend on machine load."""
-    return "segment" if k * GATHER_RATIO <= d_hidden else "dense"
 
 
 def _decoder_key(consts: StepConsts) -> str:
@@ -230,27 +221,6 @@ def _auxk(pre: mx.array, tsf: mx.array, w_dec: mx.array, r: mx.array, coef: mx.a
     return cols, codes, mx.where(cand > 0, g_codes, 0), e, g_e, g_codes
 
 
-def _weight_grads(idx: mx.array, g_pre: mx.array, xc: mx.array, codes: mx.array,
-                  g_r: mx.array, h: int, mode: str) -> tuple[mx.array, mx.array]:
-    """(encoder, decoder) weight gradients over the top-k pairs: ``enc[l] = sum g_pre *
-    xc[token]`` and ``dec[l] = sum codes * g_r[token]`` over the pairs at latent l.
-    ``segment`` sorts the pairs by latent once for both; ``dense`` multiplies
-    scattered [tokens, latents] codes (BLAS)."""
-    if mode == "dense":
-        def dense(w):
-            return mx.put_along_axis(mx.zeros((idx.shape[0], h)), idx, w, axis=1).T
-        return dense(g_pre) @ xc, dense(codes) @ g_r
-    flat = idx.reshape(-1)
-    order = mx.argsort(flat)
-    counts = mx.zeros((h,), mx.int32).at[flat].add(1)
-    ends = mx.cumsum(counts)
-    segments = mx.stack([ends - counts, ends], axis=-1).astype(mx.uint32)
-    token = order // idx.shape[1]
-    enc = mx.segmented_mm(g_pre.reshape(-1)[order][None], xc[token], segments)
-    dec = mx.segmented_mm(codes.reshape(-1)[order][None], g_r[token], segments)
-    return enc.reshape(h, -1), dec.reshape(h, -1)
-
-
 class _Partial(NamedTuple):
     """One token slice's share of a step: gradient and metric sums over its tokens."""
 
@@ -270,6 +240,9 @@ class _Partial(NamedTuple):
     """[latents] number of nonzero codes."""
     sums: mx.array
     """[4]: squared residual, squared AuxK error (unscaled), codes, nonzero codes."""
+    pairs: tuple
+    """``host`` mode: (idx, g_pre, codes, xc, g_r) for ``weight_grads.host_weight_grads``, and
+    ``g_wenc``/``g_wdec`` hold only AuxK's rows (a scalar 0 without AuxK); else ()."""
 
 
 def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.array,
@@ -285,8 +258,11 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
     idx, v = codes.indices, codes.values
     r, g_r, g_v = _decode_residual(w_dec, v, idx, -xc, 2 / tv)  # r = recon - x
     g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient * inv_n, 0)
-    mode = consts.grad_mode or choose_grad_mode(k, h)
-    g_wenc, g_wdec = _weight_grads(idx, g_pre, xc, v, g_r, h, mode)
+    mode = consts.grad_mode or choose_grad_mode(k, h, consts.tied)
+    if mode == "host":
+        g_wenc = g_wdec = mx.zeros((h, x.shape[1])) if aux_width else mx.array(0.0)
+    else:
+        g_wenc, g_wdec = mlx_weight_grads(idx, g_pre, xc, v, g_r, h, mode)
     flat = idx.reshape(-1)
     g_benc = mx.zeros((h,)).at[flat].add(g_pre.reshape(-1))
     proj = mx.zeros((h,)).at[flat].add((v * g_v).reshape(-1))
@@ -305,20 +281,23 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
     return _Partial(g_wenc, g_wdec, g_benc, mx.sum(g_r, axis=0), proj,
                     mx.zeros((h,), mx.int32).at[flat].add((v > 0).reshape(-1).astype(mx.int32)),
                     mx.stack([mx.sum(mx.square(r)), aux_sq, mx.sum(v),
-                              mx.sum(v > 0).astype(mx.float32)]))
+                              mx.sum(v > 0).astype(mx.float32)]),
+                    (idx, g_pre, v, xc, g_r) if mode == "host" else ())
 
 
-def _enc_grads(p: dict, a: _Partial, b: _Partial) -> tuple[dict, mx.array]:
-    """The encoder's and biases' gradients from the two halves, and their squared norm."""
+def _enc_grads(p: dict, a: _Partial, b: _Partial, host: mx.array) -> tuple[dict, mx.array]:
+    """The encoder's and biases' gradients from the two halves (plus ``host``, the
+    kernel's, or 0), and their squared norm."""
     g_benc = a.g_benc + b.g_benc
-    g = {"W_enc": a.g_wenc + b.g_wenc, "b_enc": g_benc,
+    g = {"W_enc": a.g_wenc + b.g_wenc + host, "b_enc": g_benc,
          "b_dec": a.g_bdec + b.g_bdec - g_benc @ p["W_enc"]}
     return g, sum(mx.sum(mx.square(x)) for x in g.values())
 
 
-def _dec_grad(w: mx.array, a: _Partial, b: _Partial) -> tuple[mx.array, mx.array]:
+def _dec_grad(w: mx.array, a: _Partial, b: _Partial, host: mx.array
+              ) -> tuple[mx.array, mx.array]:
     """The decoder's gradient without its row-parallel part, and its squared norm."""
-    g = a.g_wdec + b.g_wdec - (a.proj + b.proj)[:, None] * w
+    g = a.g_wdec + b.g_wdec + host - (a.proj + b.proj)[:, None] * w
     return g, mx.sum(mx.square(g))
 
 
@@ -351,7 +330,7 @@ def make_fast_step(consts: StepConsts):
 
     @mx.compile
     def tied_update(state, a, b, lr, t):
-        g, _ = _enc_grads(state["params"], a, b)
+        g, _ = _enc_grads(state["params"], a, b, mx.array(0.0))
         g["W_enc"] = g["W_enc"] + a.g_wdec + b.g_wdec
         return _apply_update(state, g, lr, t, consts)
 
@@ -386,9 +365,13 @@ def make_fast_step(consts: StepConsts):
             new["tsf"], metrics = finish(tsf, a, b, tv, mx.array(n, mx.float32))
             if consts.tied:
                 return {**tied_update(state, a, b, lr, t), "tsf": new["tsf"]}, metrics
-            g_enc, sq_enc = enc_grads(p, a, b)
+        host_enc = host_dec = mx.array(0.0)
+        if a.pairs:  # the C kernel: its inputs evaluated, both halves' pairs at once
+            host_enc, host_dec = host_weight_grads([a.pairs, b.pairs], consts.d_hidden)
+        with mx.stream(s_enc):
+            g_enc, sq_enc = enc_grads(p, a, b, host_enc)
         with mx.stream(s_dec):
-            g_dec, sq_dec = dec_grad(p["W_dec"], a, b)
+            g_dec, sq_dec = dec_grad(p["W_dec"], a, b, host_dec)
             updated = {"W_dec": dec_update(state, g_dec, sq_dec + sq_enc, lr, t)}
         with mx.stream(s_enc):
             updated |= enc_update(state, g_enc, sq_enc + sq_dec, lr, t)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # builds a wheel and a venv
 REPO = Path(__file__).resolve().parent.parent
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv", "outputs", "build", "dist",
                                     "*.egg-info", "__pycache__", "multirun", "wandb",
-                                    ".pytest_cache", ".ruff_cache")
+                                    ".pytest_cache", ".ruff_cache", "*.so")
 
 WHERE = """
 import json, sys
@@ -76,6 +76,10 @@ def test_wheel_ships_configs_and_sweeps(fresh, tmp_path):
     assert not (conf / "sweep").exists()  # one copy of the sweep files: saelab.sweeps
     assert sorted(p.stem for p in sweeps.glob("*.yaml")) == sorted(
         p.stem for p in (REPO / "sweeps").glob("*.yaml"))
+    # the optional C extension was compiled into the wheel (gcc is here), from this tree's source
+    kernel = run_in(fresh, tmp_path, str(fresh / "bin" / "python"), "-c",
+                    "import saelab._kernels as k; print(k.__file__)").strip()
+    assert Path(kernel).is_relative_to(fresh) and kernel.endswith(".so"), kernel
 
 
 def test_installed_cli_composes_shipped_and_user_sweeps(fresh, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 from saelab.config import SAEConfig
 from saelab.sae import SAE
 from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
+from saelab.weight_grads import (choose_grad_mode, host_available, host_weight_grads,
+                                 mlx_weight_grads)
 
 D, H, K = 32, 256, 4
 
@@ -37,6 +39,7 @@ def test_tiny_batches_match_the_reference(tokens):
 
 @pytest.mark.parametrize("dead,k_aux,mode,tied", [
     (5, None, None, False),  # fewer dead than k_aux: every dead latent, padded to 16 columns
+    (5, None, "segment", False),  # the same with MLX's weight gradients (None: the C kernel)
     (16, None, "dense", False),  # exactly k_aux
     (40, None, None, True),  # more dead than k_aux: top 16 of 64 columns
     (200, 24, "dense", False),  # top 24 of all 256 columns
@@ -57,6 +60,24 @@ def test_auxk_over_dead_columns_matches_the_reference(dead, k_aux, mode, tied):
             a, b = np.array(fast[part][key]), np.array(ref_value)
             assert np.allclose(a, b, rtol=1e-3, atol=1e-5 * np.abs(b).max()), (part, key)
     assert np.array_equal(np.array(fast["tsf"]), np.array(ref["tsf"]))
+
+
+def test_the_c_kernel_is_built_and_equals_the_mlx_segment_sums():
+    """``pip install`` builds it here (gcc); the step picks it on the CPU."""
+    assert host_available() and choose_grad_mode(K, H) == "host"
+    assert choose_grad_mode(K, H, tied=True) == "segment" and choose_grad_mode(8, H) == "dense"
+    rng = np.random.default_rng(0)
+    halves = []
+    for n in (5, 6):  # unequal token slices, joined in batch order
+        idx = np.stack([rng.choice(H, K, replace=False) for _ in range(n)]).astype(np.uint32)
+        halves.append((mx.array(idx), *(mx.array(rng.standard_normal(shape, np.float32))
+                                        for shape in ((n, K), (n, K), (n, D), (n, D)))))
+    enc, dec = host_weight_grads(halves, H)
+    idx, g_pre, codes, xc, g_r = (mx.concatenate([h[i] for h in halves]) for i in range(5))
+    want = mlx_weight_grads(idx, g_pre, xc, codes, g_r, H, "segment")
+    assert np.allclose(np.array(enc), np.array(want[0]), atol=1e-5)
+    assert np.allclose(np.array(dec), np.array(want[1]), atol=1e-5)
+    assert np.abs(np.array(enc)).sum(axis=1).astype(bool).sum() <= 11 * K  # only touched rows
 
 
 def test_aux_width_buckets_the_dead_latents():

@@ -136,6 +136,7 @@ def _one_step_state(cfg, dead: int):
     ("segment", 40, None, False, 0.0, 8, 512), ("dense", 100, 96, False, 0.0, 8, 512),
     ("segment", 100, 96, True, 0.0, 8, 512), ("dense", 3, None, True, 1e-3, 8, 512),
     ("segment", 30, None, False, 0.0, 8, 301),  # odd batch: unequal token halves
+    ("host", 0, None, False, 1e-3, 8, 512), ("host", 40, None, False, 0.0, 8, 301),
     ("dense", 0, None, False, 0.0, 72, 256)])  # k * GATHER_RATIO > latents: dense decode
 def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1, k, tokens):
     cfg = small_cfg(k_aux=k_aux, tied_weights=tied, l1_coefficient=l1, gradient_clip=0.05, k=k)

@@ -241,8 +241,9 @@ class _Partial(NamedTuple):
     sums: mx.array
     """[4]: squared residual, squared AuxK error (unscaled), codes, nonzero codes."""
     pairs: tuple
-    """``host`` mode: (idx, g_pre, codes, xc, g_r) for ``weight_grads.host_weight_grads``, and
-    ``g_wenc``/``g_wdec`` hold only AuxK's rows (a scalar 0 without AuxK); else ()."""
+    """``host`` mode: (idx, g_pre, codes, xc, g_r) for ``weight_grads.host_weight_grads``,
+    then AuxK's columns (the dead latents, the same in both halves) when it ran, and
+    ``g_wenc``/``g_wdec`` hold only AuxK's rows there (a scalar 0 without AuxK); else ()."""
 
 
 def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.array,
@@ -260,7 +261,7 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
     g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient * inv_n, 0)
     mode = consts.grad_mode or choose_grad_mode(k, h, consts.tied)
     if mode == "host":
-        g_wenc = g_wdec = mx.zeros((h, x.shape[1])) if aux_width else mx.array(0.0)
+        g_wenc = g_wdec = mx.array(0.0)
     else:
         g_wenc, g_wdec = mlx_weight_grads(idx, g_pre, xc, v, g_r, h, mode)
     flat = idx.reshape(-1)
@@ -274,15 +275,19 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
         # e = e_hat - (x - recon): AuxK's decode of the dead latents against the residual
         cols, aux_v, aux_g, e, g_e, g_av = _auxk(pre, tsf, w_dec, r, coef, aux_width, consts)
         aux_sq = mx.sum(mx.square(e))
-        g_wenc = g_wenc.at[cols].add(aux_g.T @ xc)  # cols are distinct latents
-        g_wdec = g_wdec.at[cols].add(aux_v.T @ g_e)
+        if mode == "host":  # [width, d_model] rows, added to the kernel's at cols
+            g_wenc, g_wdec = aux_g.T @ xc, aux_v.T @ g_e
+        else:
+            g_wenc = g_wenc.at[cols].add(aux_g.T @ xc)  # cols are distinct latents
+            g_wdec = g_wdec.at[cols].add(aux_v.T @ g_e)
         g_benc = g_benc.at[cols].add(mx.sum(aux_g, axis=0))
         proj = proj.at[cols].add(mx.sum(aux_v * g_av, axis=0))
     return _Partial(g_wenc, g_wdec, g_benc, mx.sum(g_r, axis=0), proj,
                     mx.zeros((h,), mx.int32).at[flat].add((v > 0).reshape(-1).astype(mx.int32)),
                     mx.stack([mx.sum(mx.square(r)), aux_sq, mx.sum(v),
                               mx.sum(v > 0).astype(mx.float32)]),
-                    (idx, g_pre, v, xc, g_r) if mode == "host" else ())
+                    ((idx, g_pre, v, xc, g_r) + ((cols,) if aux_width else ()))
+                    if mode == "host" else ())
 
 
 def _enc_grads(p: dict, a: _Partial, b: _Partial, host: mx.array) -> tuple[dict, mx.array]:
@@ -367,7 +372,13 @@ def make_fast_step(consts: StepConsts):
                 return {**tied_update(state, a, b, lr, t), "tsf": new["tsf"]}, metrics
         host_enc = host_dec = mx.array(0.0)
         if a.pairs:  # the C kernel: its inputs evaluated, both halves' pairs at once
-            host_enc, host_dec = host_weight_grads([a.pairs, b.pairs], consts.d_hidden)
+            host_enc, host_dec = host_weight_grads([a.pairs[:5], b.pairs[:5]], consts.d_hidden)
+            if len(a.pairs) > 5:
+                cols = a.pairs[5]
+                host_enc = host_enc.at[cols].add(a.g_wenc + b.g_wenc)
+                host_dec = host_dec.at[cols].add(a.g_wdec + b.g_wdec)
+            zero = mx.array(0.0)
+            a, b = (part._replace(g_wenc=zero, g_wdec=zero) for part in (a, b))
         with mx.stream(s_enc):
             g_enc, sq_enc = enc_grads(p, a, b, host_enc)
         with mx.stream(s_dec):

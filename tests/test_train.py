@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from saelab.config import SAEConfig
 from saelab.steps import (StepConsts, StepMetrics, _apply_update, make_fast_step,
                           reference_step)
+from saelab.weight_grads import _kernels
 from saelab.train import (RESAMPLE_ENCODER_SCALE, Callback, StopTraining, TrainingDiverged,
                           init_sae, lr_schedule, resample_dead, train_sae_on_arrays)
 from saelab.validate import Validator, validators
@@ -138,7 +139,10 @@ def _one_step_state(cfg, dead: int):
     ("segment", 30, None, False, 0.0, 8, 301),  # odd batch: unequal token halves
     ("host", 0, None, False, 1e-3, 8, 512), ("host", 40, None, False, 0.0, 8, 301),
     ("dense", 0, None, False, 0.0, 72, 256)])  # k * GATHER_RATIO > latents: dense decode
-def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1, k, tokens):
+def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1, k, tokens, require_system):
+    if mode == "host":
+        require_system("the C extension saelab._kernels", _kernels is not None,
+                       "pip install -e . with a C compiler")
     cfg = small_cfg(k_aux=k_aux, tied_weights=tied, l1_coefficient=l1, gradient_clip=0.05, k=k)
     sae, state, x = _one_step_state(cfg, dead)
     x = x[:tokens]

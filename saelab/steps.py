@@ -327,6 +327,9 @@ def make_fast_step(consts: StepConsts):
     graph's shared constants join the two streams' work and they run one after the
     other (benchmarks/README.md, "Step profile"). One compiled half-step per AuxK
     width bucket (see StepConsts.aux_width)."""
+    if consts.tied and consts.grad_mode == "host":  # the tied update sums MLX's gradients
+        raise ValueError("grad_mode='host' is not valid with tied weights; allowed: "
+                         "segment, dense, None")
     s_enc, s_dec = cpu_streams()
     halves: dict[int, object] = {}
     enc_grads, dec_grad = mx.compile(_enc_grads), mx.compile(_dec_grad)

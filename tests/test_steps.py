@@ -69,6 +69,10 @@ def test_the_c_kernel_is_built_and_equals_the_mlx_segment_sums(require_system):
                    "pip install -e . with a C compiler")
     assert choose_grad_mode(K, H) == "host"
     assert choose_grad_mode(K, H, tied=True) == "segment" and choose_grad_mode(8, H) == "dense"
+    tied = StepConsts.from_config(SAEConfig(expansion_factor=H // D, k=K, tied_weights=True), D, H,
+                                  grad_mode="host")
+    with pytest.raises(ValueError, match="grad_mode='host' is not valid with tied weights"):
+        make_fast_step(tied)
     rng = np.random.default_rng(0)
     halves = []
     for n in (5, 6):  # unequal token slices, joined in batch order

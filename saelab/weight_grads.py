@@ -34,6 +34,7 @@ except ImportError:  # not built: no compiler at install time
 
 HOST_THREADS = 2
 _POOL: list[ThreadPoolExecutor] = []
+os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of the threads
 
 
 def host_available() -> bool:

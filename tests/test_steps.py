@@ -1,6 +1,8 @@
 """The fast step against the reference step at its edges: batches too small to halve,
 odd halves, AuxK over few, many and all latents dead."""
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -85,6 +87,20 @@ def test_the_c_kernel_is_built_and_equals_the_mlx_segment_sums(require_system):
     assert np.allclose(np.array(enc), np.array(want[0]), atol=1e-5)
     assert np.allclose(np.array(dec), np.array(want[1]), atol=1e-5)
     assert np.abs(np.array(enc)).sum(axis=1).astype(bool).sum() <= 11 * K  # only touched rows
+
+
+def test_the_c_kernel_runs_in_a_forked_child_of_a_process_that_used_it(require_system):
+    require_system("the C extension saelab._kernels", host_available(),
+                   "pip install -e . with a C compiler")
+    slices = [(mx.array(np.arange(8, dtype=np.uint32).reshape(2, 4)),
+               *(mx.ones(shape) for shape in ((2, 4), (2, 4), (2, D), (2, D))))]
+    host_weight_grads(slices, H)  # the thread pool now exists in this process
+    pid = os.fork()
+    if pid == 0:  # the child (sweep launchers may fork) computes the same sums
+        enc, _ = host_weight_grads(slices, H)
+        os._exit(0 if float(np.array(enc).sum()) == 2 * 4 * D else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_aux_width_buckets_the_dead_latents():

@@ -95,6 +95,11 @@ def _find_blas() -> str | None:
     return found
 
 
+def fast_paths_enabled() -> bool:
+    """False when ``SAELAB_FAST=0`` asks for plain MLX (this preload, the C kernel)."""
+    return os.environ.get("SAELAB_FAST", "1") != "0"
+
+
 def setup() -> AccelState:
     """Apply the fast path once; must run before ``mlx.core`` is imported."""
     if STATE.enabled or STATE.reason:
@@ -102,7 +107,7 @@ def setup() -> AccelState:
     if not sys.platform.startswith("linux"):
         STATE.reason = "not Linux: MLX uses its own fast backend"
         return STATE
-    if os.environ.get("SAELAB_FAST", "1") == "0":
+    if not fast_paths_enabled():
         STATE.reason = "disabled by SAELAB_FAST=0"
         return STATE
     if "mlx.core" in sys.modules:

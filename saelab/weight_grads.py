@@ -25,6 +25,7 @@ import numpy as np
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
+from saelab.accel import fast_paths_enabled
 from saelab.sae import GATHER_RATIO
 
 try:
@@ -39,8 +40,7 @@ os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of th
 
 def host_available() -> bool:
     """The C kernel is built and enabled, and MLX computes on the CPU."""
-    return (_kernels is not None and os.environ.get("SAELAB_FAST", "1") != "0"
-            and mx.default_device() == mx.cpu)
+    return _kernels is not None and fast_paths_enabled() and mx.default_device() == mx.cpu
 
 
 def choose_grad_mode(k: int, d_hidden: int, tied: bool = False) -> str:

@@ -242,8 +242,10 @@ class _Partial(NamedTuple):
     """[4]: squared residual, squared AuxK error (unscaled), codes, nonzero codes."""
     pairs: tuple
     """``host`` mode: (idx, g_pre, codes, xc, g_r) for ``weight_grads.host_weight_grads``,
-    then AuxK's columns (the dead latents, the same in both halves) when it ran, and
-    ``g_wenc``/``g_wdec`` hold only AuxK's rows there (a scalar 0 without AuxK); else ()."""
+    and ``g_wenc``/``g_wdec`` hold only AuxK's rows (a scalar 0 without AuxK); else ()."""
+    aux_cols: tuple
+    """``host`` mode with AuxK: (the dead latents' columns,), where AuxK's rows go (the
+    same in both halves); else ()."""
 
 
 def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.array,
@@ -286,8 +288,8 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
                     mx.zeros((h,), mx.int32).at[flat].add((v > 0).reshape(-1).astype(mx.int32)),
                     mx.stack([mx.sum(mx.square(r)), aux_sq, mx.sum(v),
                               mx.sum(v > 0).astype(mx.float32)]),
-                    ((idx, g_pre, v, xc, g_r) + ((cols,) if aux_width else ()))
-                    if mode == "host" else ())
+                    (idx, g_pre, v, xc, g_r) if mode == "host" else (),
+                    (cols,) if mode == "host" and aux_width else ())
 
 
 def _enc_grads(p: dict, a: _Partial, b: _Partial, host: mx.array) -> tuple[dict, mx.array]:
@@ -375,9 +377,9 @@ def make_fast_step(consts: StepConsts):
                 return {**tied_update(state, a, b, lr, t), "tsf": new["tsf"]}, metrics
         host_enc = host_dec = mx.array(0.0)
         if a.pairs:  # the C kernel: its inputs evaluated, both halves' pairs at once
-            host_enc, host_dec = host_weight_grads([a.pairs[:5], b.pairs[:5]], consts.d_hidden)
-            if len(a.pairs) > 5:
-                cols = a.pairs[5]
+            host_enc, host_dec = host_weight_grads([a.pairs, b.pairs], consts.d_hidden)
+            if a.aux_cols:
+                (cols,) = a.aux_cols
                 host_enc = host_enc.at[cols].add(a.g_wenc + b.g_wenc)
                 host_dec = host_dec.at[cols].add(a.g_wdec + b.g_wdec)
             zero = mx.array(0.0)

@@ -4,8 +4,8 @@
  * weight_grads: a TopK SAE's encoder and decoder weight gradients over the (token, latent)
  * pairs of a batch, enc[l] = sum g_pre[p] * xc[token(p)] and dec[l] = sum codes[p] *
  * g_r[token(p)] over the pairs p at latent l, for the latents in [lo, hi). MLX computes
- * this as row gathers and segment-sums on one thread at ~5 GB/s (37.7 ms at x8 k32 batch
- * 1024); here a counting sort and one pass per latent take 6.1 ms
+ * this as row gathers and segment-sums on one thread at ~5 GB/s (45.4 ms at x8 k32 batch
+ * 1024); here a counting sort and one pass per latent take 10.2 ms
  * (benchmarks/cpu_kernels.py). Latent ranges are independent, so two calls on two
  * threads (the GIL is released) split the work without locks.
  */

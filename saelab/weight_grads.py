@@ -6,7 +6,7 @@
 - ``dense``: the codes scattered into [tokens, latents] and multiplied (BLAS), for codes
   too wide for the gathers to pay;
 - ``host``: the C kernel ``saelab/_kernels.c`` over the evaluated arrays. MLX runs the
-  segment form's gathers on one thread at ~5 GB/s: 37.7 ms against 6.1 ms for the
+  segment form's gathers on one thread at ~5 GB/s: 45.4 ms against 10.2 ms for the
   kernel on one thread at x8 k32 batch 1024 (benchmarks/cpu_kernels.py). It splits the
   latents over two threads (the C code releases the GIL) and hands back two copies.
 

@@ -50,7 +50,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(bool(self.name), "model.name", self.name, "a model name, hub id or path")
         check(self.dtype in ("float32", "float16", "bfloat16"), "model.dtype", self.dtype,
-               "float32, float16, bfloat16")
+              "float32, float16, bfloat16")
 
 
 @dataclass
@@ -101,7 +101,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(self.source in ("pydocs", "files", "hub"), "data.source", self.source,
-               "pydocs, files, hub")
+              "pydocs, files, hub")
         if self.source == "files":
             check(len(self.paths) > 0, "data.paths", list(self.paths), "at least one file")
         if self.source == "hub":
@@ -109,9 +109,9 @@ class DataConfig:
         check(self.max_tokens > 0, "data.max_tokens", self.max_tokens, "a positive integer")
         check(self.context_length >= 2, "data.context_length", self.context_length, ">= 2")
         check(self.shuffle_buffer_tokens >= 1, "data.shuffle_buffer_tokens",
-               self.shuffle_buffer_tokens, "a positive integer")
+              self.shuffle_buffer_tokens, "a positive integer")
         check(self.max_val_tokens >= 1, "data.max_val_tokens", self.max_val_tokens,
-               "a positive integer")
+              "a positive integer")
 
 
 @dataclass
@@ -242,55 +242,55 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         check(isinstance(self.expansion_factor, int) and self.expansion_factor >= 1,
-               "expansion_factor", self.expansion_factor, "an integer >= 1")
+              "expansion_factor", self.expansion_factor, "an integer >= 1")
         check(isinstance(self.k, int) and self.k >= 1, "k", self.k, "an integer >= 1")
         check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate",
-               self.learning_rate, "a positive finite float")
+              self.learning_rate, "a positive finite float")
         check(self.num_epochs >= 1, "num_epochs", self.num_epochs, "an integer >= 1")
         check(self.train_tokens is None or self.train_tokens > 0, "train_tokens",
-               self.train_tokens, "a positive integer or None")
+              self.train_tokens, "a positive integer or None")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps",
-               self.warmup_steps, "an integer >= 0 or None")
+              self.warmup_steps, "an integer >= 0 or None")
         check(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", self.warmup_fraction,
-               "a fraction in [0, 1)")
+              "a fraction in [0, 1)")
         check(self.lr_decay in ("cosine", "linear", "constant"), "lr_decay", self.lr_decay,
-               "cosine, linear, constant")
+              "cosine, linear, constant")
         check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "[0, 1]")
         check(0.0 < self.decay_fraction <= 1.0, "decay_fraction", self.decay_fraction, "(0, 1]")
         check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-               "adam_betas", self.adam_betas, "two floats in [0, 1)")
+              "adam_betas", self.adam_betas, "two floats in [0, 1)")
         check(0.0 < self.validation_split < 0.5, "validation_split", self.validation_split,
-               "a fraction in (0, 0.5)")
+              "a fraction in (0, 0.5)")
         check(self.input_norm_target is None or (self.input_norm_target > 0
-                                                  and math.isfinite(self.input_norm_target)),
-               "input_norm_target", self.input_norm_target, "a positive finite float or None")
+                                                 and math.isfinite(self.input_norm_target)),
+              "input_norm_target", self.input_norm_target, "a positive finite float or None")
         check(self.gradient_clip >= 0, "gradient_clip", self.gradient_clip, ">= 0")
         check(self.l1_coefficient >= 0, "l1_coefficient", self.l1_coefficient, ">= 0")
         check(self.k_aux is None or self.k_aux >= 1, "k_aux", self.k_aux, ">= 1 or None")
         check(self.auxk_coefficient >= 0, "auxk_coefficient", self.auxk_coefficient, ">= 0")
         check(self.dead_tokens_threshold >= 1, "dead_tokens_threshold",
-               self.dead_tokens_threshold, ">= 1")
+              self.dead_tokens_threshold, ">= 1")
         check(self.resample_every is None or self.resample_every >= 1, "resample_every",
-               self.resample_every, "an integer >= 1 (steps) or None")
+              self.resample_every, "an integer >= 1 (steps) or None")
         check(self.b_dec_init in ("geometric_median", "mean", "zeros"), "b_dec_init",
-               self.b_dec_init, "geometric_median, mean, zeros")
+              self.b_dec_init, "geometric_median, mean, zeros")
         check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
         check(self.eval_every is None or self.eval_every >= 1, "eval_every", self.eval_every,
-               ">= 1 or None")
+              ">= 1 or None")
         check(self.eval_tokens is None or self.eval_tokens >= 1, "eval_tokens",
-               self.eval_tokens, ">= 1 or None")
+              self.eval_tokens, ">= 1 or None")
         check(self.downstream_eval in ("end", "every", "off"), "downstream_eval",
-               self.downstream_eval, "end, every, off")
+              self.downstream_eval, "end, every, off")
         check(self.downstream_sequences >= 1, "downstream_sequences",
-               self.downstream_sequences, "an integer >= 1")
+              self.downstream_sequences, "an integer >= 1")
 
     def check_dims(self, d_model: int, prefix: str = "") -> None:
         """Checks that need the input width (k must fit in d_hidden); ``prefix="sae."``
         when this is a TrialConfig's section."""
         d_hidden = self.expansion_factor * d_model
         check(self.k <= d_hidden, f"{prefix}k", self.k,
-               f"at most d_hidden = {prefix}expansion_factor * d_model = {d_hidden}")
+              f"at most d_hidden = {prefix}expansion_factor * d_model = {d_hidden}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -360,16 +360,16 @@ class StudyConfig:
         check(self.n_trials >= 1, "study.n_trials", self.n_trials, "an integer >= 1")
         check(self.n_jobs >= 1, "study.n_jobs", self.n_jobs, "an integer >= 1")
         check(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
-               "study.objectives", list(self.objectives), "one or more distinct metric names")
+              "study.objectives", list(self.objectives), "one or more distinct metric names")
         check(self.sampler in SAMPLERS, "study.sampler", self.sampler, ", ".join(SAMPLERS))
         check(self.pruner in PRUNERS, "study.pruner", self.pruner, ", ".join(PRUNERS))
         check(0.0 < self.max_dead_fraction <= 1.0, "study.max_dead_fraction",
-               self.max_dead_fraction, "a fraction in (0, 1]")
+              self.max_dead_fraction, "a fraction in (0, 1]")
         check(self.max_loss_ratio > 1.0, "study.max_loss_ratio", self.max_loss_ratio, "> 1")
         check(self.heartbeat_interval >= 1, "study.heartbeat_interval", self.heartbeat_interval,
-               "an integer >= 1 (seconds)")
+              "an integer >= 1 (seconds)")
         check(self.grace_period > self.heartbeat_interval, "study.grace_period",
-               self.grace_period, f"more than study.heartbeat_interval={self.heartbeat_interval}")
+              self.grace_period, f"more than study.heartbeat_interval={self.heartbeat_interval}")
         check(self.max_retry >= 0, "study.max_retry", self.max_retry, "an integer >= 0")
 
 

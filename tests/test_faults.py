@@ -37,6 +37,8 @@ SAELAB = str(Path(sys.executable).parent / "saelab")
 TINY = ["sweep=smoke", "sae.use_wandb=false", "data.max_tokens=2000", "sae.train_tokens=1024",
         "sae.batch_size=256", "sae.expansion_factor=1", "sae.eval_every=2", "sae.downstream_eval=off"]
 SEED = int(os.environ.get("SAELAB_FAULT_SEED", time.time_ns() % 10**6))
+KILL_TRIALS = 10
+"""Trials of the random-kill study: enough that three kill rounds land before it ends."""
 
 
 def env_for(tmp: Path, cache: Path) -> dict:
@@ -165,7 +167,8 @@ def test_sigkill_at_random_points_then_resume(tmp_path, cache):
     storage = f"sqlite:///{db}"
     # a larger SAE (18 MB) makes the save long enough to be caught; 2 workers
     # a trial asked but not yet claimed when killed waits out the grace period: keep it short
-    args = ["study.n_trials=6", "study.n_jobs=2", "study.max_retry=20", "sae.expansion_factor=8",
+    # 10 trials: with 6, tiny trials finished the study within two kill rounds (CI, 29 Nov)
+    args = [f"study.n_trials={KILL_TRIALS}", "study.n_jobs=2", "study.max_retry=20", "sae.expansion_factor=8",
             "study.heartbeat_interval=1", "study.grace_period=3"]
     cmd = [SAELAB, "sweep", *TINY, "study.name=kill", f"study.storage={storage}", *args]
     kills, landed = 0, []
@@ -195,7 +198,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, cache):
                 SAE.load(d / "sae.mlx")
     sweep(tmp_path, cache["root"], "kill", storage, *args)
     study = optuna.load_study(study_name="kill", storage=storage)
-    facts = check_study(study, 6)
+    facts = check_study(study, KILL_TRIALS)
     for d in _trial_dirs(tmp_path, "kill"):  # orphans of killed attempts included
         if (d / "sae.mlx").exists():
             SAE.load(d / "sae.mlx")

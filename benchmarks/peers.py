@@ -188,7 +188,8 @@ def _saelab_step(d: int, latents: int, k: int, batch: int):
     from saelab.accel import blas_threads
     from saelab.config import SAEConfig
     from saelab.sae import SAE
-    from saelab.steps import StepConsts, StepMetrics, make_fast_step
+    from saelab.host_step import make_step
+    from saelab.steps import StepConsts, StepMetrics
 
     cfg = SAEConfig(expansion_factor=latents // d, k=k, batch_size=batch, learning_rate=LR,
                     dead_tokens_threshold=DEAD_TOKENS)
@@ -196,7 +197,7 @@ def _saelab_step(d: int, latents: int, k: int, batch: int):
     box = {"state": {"params": params, "m": {n: mx.zeros_like(p) for n, p in params.items()},
                      "v": {n: mx.zeros_like(p) for n, p in params.items()},
                      "tsf": mx.zeros((latents,), mx.int32)}, "dead": 0}
-    fast = make_fast_step(StepConsts.from_config(cfg, d, latents))
+    fast = make_step(StepConsts.from_config(cfg, d, latents))
     xs = [mx.array(batch_array(batch, d, i)) for i in range(2)]
     lr = mx.array(LR)
 

@@ -4,14 +4,18 @@
     python benchmarks/train_step.py --profile [--steps 7]
     python benchmarks/train_step.py --against REV [--dead 0,70,288] [--reps 5]
 
-``--against REV`` times the fast step against ``saelab/steps.py`` as of git revision
-REV (the rest of saelab as checked out), alternating reps of ``--steps`` steps per
-side after an untimed rep each, queued as train.py queues them; with ``--dead N``
-the first N latents are dead and every step starts from that state. Each row: both
-sides' tok/s per rep, median CPU ms per step, and REV's median time / this one's.
+``--against REV`` times the fast step (``host_step.make_step``) against the one of git
+revision REV (its ``saelab/steps.py`` and ``host_step.py``; the rest of saelab and the
+C kernels as built now), alternating reps of ``--steps`` steps per side after an
+untimed rep each, queued as train.py queues them; with ``--dead N`` the first N
+latents are dead at every step (their tokens-since-fired reset). REV's files must
+import only names saelab still has and call the kernels as built (revisions from the
+C step on; older ones: time them from a git worktree with its own build). Each row:
+both sides' tok/s per rep, median CPU ms per step, and REV's median time / this one's.
 
-``--profile`` times the fast step's blocks instead, as the step runs them (each
-compiled on its own, inputs ready, OpenBLAS on one thread; [wall ms, CPU ms of
+``--profile`` times the fast step's blocks instead, as the step runs them: the C
+step's phases (``host``), or for MLX's step (``--modes segment``) each block
+compiled on its own, inputs ready, OpenBLAS on one thread ([wall ms, CPU ms of
 all threads], medians over ``--steps``): one token half's encoder matmul, top-k,
 decode with its gradients and weight gradients on one stream, and that half as
 one piece; both halves on the two streams; the gradients' combination and the
@@ -50,7 +54,8 @@ from saelab.sae import SAE, pre_activations, topk_codes
 from saelab.steps import (StepConsts, StepMetrics, _dec_grad, _dec_update, _decode_residual,
                           _enc_grads, _enc_update, _slice_grads, make_fast_step,
                           reference_step)
-from saelab.weight_grads import choose_grad_mode, host_weight_grads, mlx_weight_grads
+from saelab.host_step import make_host_step, make_step
+from saelab.weight_grads import choose_grad_mode, mlx_weight_grads
 from saelab.topk import block_topk, cpu_streams
 
 D = 576
@@ -97,16 +102,39 @@ def on_stream(fn, stream):
     return run
 
 
+def profile_host_shape(consts: StepConsts, sae: SAE, batch: int, reps: int) -> dict:
+    """Median wall ms of the C step's phases as it runs them (``make_host_step``'s
+    ``timings``) and of the whole step, over ``reps`` chained steps after two, without
+    dead latents and with k_aux of them (``dead_`` rows: the ``auxk`` phase)."""
+    row = {"expansion": sae.d_hidden // D, "k": consts.k, "batch": batch, "grad_mode": "host"}
+    x, lr, t = mx.random.normal((batch, D), key=mx.random.key(0)) * 4, mx.array(1e-3), mx.array(1.0)
+    for dead, prefix in ((0, ""), (consts.k_aux, "dead_")):
+        timings, walls, state = {}, [], new_state(sae, dead)
+        step, tsf = make_host_step(consts, timings), state["tsf"]
+        with blas_threads(1):
+            for _ in range(reps + 2):
+                start = time.perf_counter()
+                new, out = step(state, x, lr, t, dead)
+                mx.eval(new, out)
+                walls.append(time.perf_counter() - start)
+                state = {**new, "tsf": tsf}  # the dead stay dead
+        for name, times in {"step": walls, **timings}.items():
+            row[prefix + name] = round(1e3 * sorted(times[2:])[reps // 2], 1)
+    return row
+
+
 def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | None) -> dict:
     """Wall and CPU ms of the fast step's blocks as it runs them (no AuxK unless
     named): one token half's blocks on one stream, both halves on the two
     streams, the two updates one per stream, the whole step, all with OpenBLAS on
-    one thread as train.py runs the step."""
+    one thread as train.py runs the step. The C step (``host``): its phases."""
     cfg = SAEConfig(expansion_factor=expansion, k=k, batch_size=batch)
     sae = SAE(D, expansion * D, k)
     h = sae.d_hidden
     consts = StepConsts.from_config(cfg, D, h, grad_mode=None if mode == "auto" else mode)
     mode = consts.grad_mode or choose_grad_mode(k, h)  # without AuxK
+    if mode == "host":
+        return profile_host_shape(consts, sae, batch, reps)
     state = new_state(sae)
     p, x = state["params"], mx.random.normal((batch, D), key=mx.random.key(0)) * 4
     half, tsf = x[: batch // 2], state["tsf"]
@@ -127,10 +155,8 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
     enc_grads, dec_grad = mx.compile(_enc_grads), mx.compile(_dec_grad)
     enc_update = mx.compile(lambda *u: _enc_update(*u, consts))
     dec_update = mx.compile(lambda *u: _dec_update(*u, consts))
-    host = (host_weight_grads([a.pairs, b.pairs], h) if a.pairs
-            else (mx.array(0.0), mx.array(0.0)))
-    g_enc, sq_enc = enc_grads(p, a, b, host[0])
-    g_dec, sq_dec = dec_grad(p["W_dec"], a, b, host[1])
+    g_enc, sq_enc = enc_grads(p, a, b)
+    g_dec, sq_dec = dec_grad(p["W_dec"], a, b)
     mx.eval(g_enc, sq_enc, g_dec, sq_dec)
 
     def updates(s):
@@ -146,15 +172,13 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
         "decode_and_code_grads": (on_stream(mx.compile(
             lambda w, v, i, o: _decode_residual(w, v, i, o, 2 / tv)), s0),
             (p["W_dec"], codes.values, codes.indices, -xc), True),
-        "weight_grads": ((lambda *u: host_weight_grads([u], h)) if mode == "host" else
-                         on_stream(mx.compile(
-                             lambda i, g, c, v, r: mlx_weight_grads(i, g, c, v, r, h, mode)), s0),
-                         (codes.indices, g_pre, codes.values, xc, g_r) if mode == "host" else
-                         (codes.indices, g_pre, xc, codes.values, g_r), True),
         "half": (on_stream(grads, s0), (p, half), False),
         "both_halves": (halves, (p, x), False),
-        "combine_grads": (lambda: (on_stream(enc_grads, s0)(p, a, b, host[0]),
-                                   on_stream(dec_grad, s1)(p["W_dec"], a, b, host[1])), (), False),
+        "weight_grads": (on_stream(mx.compile(
+            lambda i, g, c, v, r: mlx_weight_grads(i, g, c, v, r, h, mode)), s0),
+            (codes.indices, g_pre, xc, codes.values, g_r), True),
+        "combine_grads": (lambda: (on_stream(enc_grads, s0)(p, a, b),
+                                   on_stream(dec_grad, s1)(p["W_dec"], a, b)), (), False),
         "update": (updates, (state,), False),
     }
     row = {"expansion": expansion, "k": k, "batch": batch, "grad_mode": mode}
@@ -174,8 +198,8 @@ def profile_shape(expansion: int, k: int, batch: int, reps: int, mode: str | Non
 def time_step(step, state: dict, batches: list, steps: int, dead: int = 0
               ) -> tuple[float, float]:
     """Wall and CPU seconds per step after one warm-up (compile) step, run as train.py
-    runs it (queued with ``async_eval``, the metrics read every step). With dead
-    latents every step starts from ``state`` (so they stay dead), else from the last."""
+    runs it (queued with ``async_eval``, the metrics read every step), each from the
+    last; with dead latents, their tokens-since-fired from ``state`` (they stay dead)."""
     lr, t = mx.array(1e-3), mx.array(1.0)
     mx.eval(step(state, batches[0], lr, t, dead))
     start, start_cpu, current = time.perf_counter(), time.process_time(), state
@@ -183,7 +207,9 @@ def time_step(step, state: dict, batches: list, steps: int, dead: int = 0
         new, out = step(current, batches[(i + 1) % len(batches)], lr, t, dead)
         mx.async_eval(new, out)
         StepMetrics.read(out)
-        current = current if dead else new
+        # with dead latents their tokens-since-fired start from state's every step (the
+        # weights go on: the step updates in place the arrays it returned)
+        current = {**new, "tsf": state["tsf"]} if dead else new
     mx.eval(new)
     return (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
 
@@ -200,7 +226,7 @@ def bench_shape(expansion: int, k: int, batch: int, steps: int, modes: list[str]
     for mode in modes:
         consts = StepConsts.from_config(cfg, D, sae.d_hidden, grad_mode=mode)
         with blas_threads(1):  # as train.py runs the fast step
-            sec, _ = time_step(make_fast_step(consts), state, batches, steps)
+            sec, _ = time_step(make_step(consts), state, batches, steps)
         row[f"fast_{mode}_tok_s"] = round(batch / sec)
         row[f"fast_{mode}_peak_fraction"] = round(flops / sec / 1e9 / peak, 3)
     consts = StepConsts.from_config(cfg, D, sae.d_hidden)
@@ -209,14 +235,32 @@ def bench_shape(expansion: int, k: int, batch: int, steps: int, modes: list[str]
     return row
 
 
-def steps_at(rev: str):
-    """saelab/steps.py as of git revision ``rev``, as a module (same saelab otherwise)."""
+def _module_at(rev: str, path: str) -> types.ModuleType | None:
+    """``path`` as of git revision ``rev``, executed as a module (None if ``rev`` lacks it)."""
     repo = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{rev}:saelab/steps.py"], cwd=repo, check=True,
-                         capture_output=True, text=True).stdout
-    module = sys.modules[f"steps_at_{rev}"] = types.ModuleType(f"steps_at_{rev}")
-    exec(compile(src, f"{rev}:saelab/steps.py", "exec"), module.__dict__)
+    got = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True,
+                         text=True)
+    if got.returncode:
+        return None
+    name = f"{Path(path).stem}_at_{rev}"
+    module = sys.modules[name] = types.ModuleType(name)
+    exec(compile(got.stdout, f"{rev}:{path}", "exec"), module.__dict__)
     return module
+
+
+def steps_at(rev: str) -> types.SimpleNamespace:
+    """The step as of git revision ``rev``: its saelab/steps.py and, where it has one, its
+    saelab/host_step.py importing that steps.py (the rest of saelab, and the C kernels,
+    as built now): ``StepConsts`` and ``make_step``."""
+    steps = _module_at(rev, "saelab/steps.py")
+    current = sys.modules["saelab.steps"]
+    sys.modules["saelab.steps"] = steps  # host_step's "from saelab.steps import ..."
+    try:
+        host = _module_at(rev, "saelab/host_step.py")
+    finally:
+        sys.modules["saelab.steps"] = current
+    return types.SimpleNamespace(StepConsts=steps.StepConsts,
+                                 make_step=host.make_step if host else steps.make_fast_step)
 
 
 def compare_shape(expansion: int, k: int, batch: int, deads: list[int], steps: int,
@@ -226,8 +270,8 @@ def compare_shape(expansion: int, k: int, batch: int, deads: list[int], steps: i
     cfg = SAEConfig(expansion_factor=expansion, k=k, batch_size=batch)
     sae = SAE(D, expansion * D, k)
     batches = [mx.random.normal((batch, D), key=mx.random.key(i)) * 4 for i in range(3)]
-    sides = {"now": make_fast_step(StepConsts.from_config(cfg, D, sae.d_hidden)),
-             rev: old.make_fast_step(old.StepConsts.from_config(cfg, D, sae.d_hidden))}
+    sides = {"now": make_step(StepConsts.from_config(cfg, D, sae.d_hidden)),
+             rev: old.make_step(old.StepConsts.from_config(cfg, D, sae.d_hidden))}
     rows = []
     for dead in deads:
         state, got = new_state(sae, dead), {side: [] for side in sides}

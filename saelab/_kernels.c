@@ -1,94 +1,386 @@
-/* CPU kernels for the fast training step (saelab/weight_grads.py calls them when they
- * are built; else MLX ops do the same work).
+/* CPU kernels of the fast training step on the CPU (saelab/host_step.py; built by pip
+ * where a C compiler is, else MLX ops do the same work). MLX's CPU backend runs a TopK
+ * step's sparse work (top-k selection, row gathers, segment-sums, elementwise Adam) on
+ * one thread each without SIMD; each kernel here works on a range of tokens or latents,
+ * so two calls on two threads (the GIL is released) split the work without locks
+ * (benchmarks/cpu_kernels.py, benchmarks/README.md).
  *
- * weight_grads: a TopK SAE's encoder and decoder weight gradients over the (token, latent)
- * pairs of a batch, enc[l] = sum g_pre[p] * xc[token(p)] and dec[l] = sum codes[p] *
- * g_r[token(p)] over the pairs p at latent l, for the latents in [lo, hi). MLX computes
- * this as row gathers and segment-sums on one thread at ~5 GB/s (45.4 ms at x8 k32 batch
- * 1024); here a counting sort and one pass per latent take 10.2 ms
- * (benchmarks/cpu_kernels.py). Latent ranges are independent, so two calls on two
- * threads (the GIL is released) split the work without locks.
+ * sparse_half: for tokens [t0, t0 + rows) of a batch with pre-activations pre: the top-k
+ * latents and their codes, the reconstruction residual r = decode - (x - b_dec), the
+ * residual gradient g_r = coef * r, the codes' gradients, and sums for the metrics.
+ *
+ * grad_rows: latents [lo, hi) of the weight and encoder-bias gradients over the batch's
+ * (token, latent) pairs, finished: enc[l] = sum g_pre[p] * xc[token(p)], dec[l] = sum
+ * codes[p] * g_r[token(p)] (a counting sort, then one pass per latent), AuxK's rows added,
+ * the decoder row's component along the unit decoder row taken off, the rows' squared
+ * norms (for the global clip) and b_dec's encoder-bias term sum g_benc[l] * w_enc[l].
+ *
+ * adam_rows: bias-corrected Adam on rows [lo, hi) of one parameter, in place, the
+ * gradient scaled by the clip factor first, the rows renormalized after (unit).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static void weight_grads_range(const uint32_t *idx, const float *g_pre, const float *codes,
-                               const float *xc, const float *g_r, Py_ssize_t pairs, int k,
-                               int d, int lo, int hi, float *enc, float *dec) {
-    int m = hi - lo;
-    Py_ssize_t *start = calloc((size_t)m + 1, sizeof(Py_ssize_t));
-    Py_ssize_t *fill = malloc(((size_t)m + 1) * sizeof(Py_ssize_t));
-    for (Py_ssize_t p = 0; p < pairs; p++)
-        if (idx[p] >= (uint32_t)lo && idx[p] < (uint32_t)hi) start[idx[p] - lo + 1]++;
-    for (int l = 0; l < m; l++) start[l + 1] += start[l];
-    Py_ssize_t *order = malloc(((size_t)start[m] + 1) * sizeof(Py_ssize_t));
-    memcpy(fill, start, ((size_t)m + 1) * sizeof(Py_ssize_t));
-    for (Py_ssize_t p = 0; p < pairs; p++)  /* pairs in batch order within each latent */
-        if (idx[p] >= (uint32_t)lo && idx[p] < (uint32_t)hi) order[fill[idx[p] - lo]++] = p;
-    for (int l = 0; l < m; l++) {
-        float *e = enc + (size_t)(lo + l) * d, *o = dec + (size_t)(lo + l) * d;
-        memset(e, 0, (size_t)d * sizeof(float));
-        memset(o, 0, (size_t)d * sizeof(float));
-        for (Py_ssize_t q = start[l]; q < start[l + 1]; q++) {
-            Py_ssize_t p = order[q], t = p / k;
-            const float *x = xc + (size_t)t * d, *g = g_r + (size_t)t * d;
-            float a = g_pre[p], b = codes[p];
-            for (int j = 0; j < d; j++) {
-                e[j] += a * x[j];
-                o[j] += b * g[j];
-            }
-        }
-    }
-    free(start);
-    free(fill);
-    free(order);
-}
-
-static int need(Py_buffer *b, Py_ssize_t items, const char *name) {
-    if (b->len != items * 4) {
-        PyErr_Format(PyExc_ValueError, "weight_grads: %s has %zd bytes, expected %zd", name,
-                     b->len, items * 4);
+static int need(Py_buffer *b, Py_ssize_t items, Py_ssize_t size, const char *name) {
+    if (b->len != items * size) {
+        PyErr_Format(PyExc_ValueError, "saelab._kernels: %s has %zd bytes, expected %zd", name,
+                     b->len, items * size);
         return 0;
     }
     return 1;
 }
 
-static PyObject *weight_grads(PyObject *self, PyObject *args) {
-    Py_buffer idx, g_pre, codes, xc, g_r, enc, dec;
-    int k, d, lo, hi;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*iiiiw*w*", &idx, &g_pre, &codes, &xc, &g_r, &k, &d,
-                          &lo, &hi, &enc, &dec))
+static void release(Py_buffer *b, int count) {
+    for (int i = 0; i < count; i++)
+        if (b[i].obj) PyBuffer_Release(&b[i]);
+}
+
+/* ---- sparse_half ---------------------------------------------------------------- */
+
+static inline float dot(const float *a, const float *b, Py_ssize_t d) {
+    /* 16 partial sums: a single running sum is a dependency chain the compiler may not
+     * reorder (no -ffast-math), 3.4x slower for the codes' gradients */
+    float acc[16] = {0}, s = 0;
+    Py_ssize_t c = 0;
+    for (; c + 16 <= d; c += 16)
+        for (int u = 0; u < 16; u++) acc[u] += a[c + u] * b[c + u];
+    for (; c < d; c++) s += a[c] * b[c];
+    for (int u = 0; u < 16; u++) s += acc[u];
+    return s;
+}
+
+static void sift(float *v, uint32_t *ix, int k, int i) {  /* min-heap of the k largest */
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < k && v[l] < v[m]) m = l;
+        if (r < k && v[r] < v[m]) m = r;
+        if (m == i) return;
+        float tv = v[i]; v[i] = v[m]; v[m] = tv;
+        uint32_t ti = ix[i]; ix[i] = ix[m]; ix[m] = ti;
+        i = m;
+    }
+}
+
+static void heap_topk(const float *row, int h, int k, uint32_t *ix, float *sel) {
+    for (int j = 0; j < k; j++) { sel[j] = row[j]; ix[j] = (uint32_t)j; }
+    for (int j = k / 2 - 1; j >= 0; j--) sift(sel, ix, k, j);
+    for (int j = k; j < h; j++)  /* NaN enters (and reaches the loss) */
+        if (!(row[j] <= sel[0])) { sel[0] = row[j]; ix[0] = (uint32_t)j; sift(sel, ix, k, 0); }
+}
+
+#define BLOCK 16
+/* The k largest of row[0, h) into (ix, sel), unordered. Block b holds the elements
+ * u * nb + b (u < BLOCK; vertical maxima vectorize): the k-th largest block maximum tau
+ * bounds the k-th largest value from below, so only elements >= tau are candidates
+ * (6.4 against 10.0 ms for a plain heap over 1024 x 4608). scratch: nb + k floats. */
+static void topk_row(const float *row, int h, int k, uint32_t *ix, float *sel, float *scratch) {
+    int nb = h / BLOCK, nan = 0;
+    for (int j = 0; j < h; j++) nan |= row[j] != row[j];
+    if (nan || nb < k) { heap_topk(row, h, k, ix, sel); return; }
+    float *bmax = scratch, *hv = scratch + nb;
+    memcpy(bmax, row, (size_t)nb * sizeof(float));
+    for (int u = 1; u < BLOCK; u++) {
+        const float *r = row + (size_t)u * nb;
+        for (int b = 0; b < nb; b++) bmax[b] = r[b] > bmax[b] ? r[b] : bmax[b];
+    }
+    heap_topk(bmax, nb, k, ix, hv);  /* ix is scratch here */
+    float tau = hv[0];
+    int c = 0;
+    for (int b = 0; b <= nb; b++) {  /* b == nb: the h - BLOCK * nb tail, in no block */
+        if (b < nb && bmax[b] < tau) continue;
+        int count = b < nb ? BLOCK : h - BLOCK * nb;
+        for (int u = 0; u < count; u++) {
+            int j = b < nb ? u * nb + b : BLOCK * nb + u;
+            float v = row[j];
+            if (v < tau) continue;
+            if (c < k) {
+                sel[c] = v;
+                ix[c] = (uint32_t)j;
+                if (++c == k)
+                    for (int q = k / 2 - 1; q >= 0; q--) sift(sel, ix, k, q);
+            } else if (v > sel[0]) {
+                sel[0] = v;
+                ix[0] = (uint32_t)j;
+                sift(sel, ix, k, 0);
+            }
+        }
+    }
+}
+
+typedef struct {
+    const float *pre, *x, *w_dec, *b_dec;
+    Py_ssize_t t0, rows;
+    int h, d, k;
+    float coef, l1n;
+    uint32_t *idx;
+    float *codes, *g_pre, *vg, *xc, *r, *g_r;
+    double *sums, *gbdec;  /* [squared residual, codes, nonzero codes], [d] */
+} HalfArgs;
+
+static int sparse_half_run(const HalfArgs *a) {
+    int h = a->h, d = a->d, k = a->k;
+    float *sel = malloc((size_t)(k + h / BLOCK + k) * sizeof(float));
+    if (!sel) return 0;
+    double sq = 0, sum_v = 0, nonzero = 0;
+    for (Py_ssize_t i = 0; i < a->rows; i++) {
+        Py_ssize_t t = a->t0 + i;
+        uint32_t *ix = a->idx + (size_t)t * k;
+        topk_row(a->pre + (size_t)i * h, h, k, ix, sel, sel + k);
+        float *v = a->codes + (size_t)t * k, *gp = a->g_pre + (size_t)t * k;
+        float *vg = a->vg + (size_t)t * k;
+        float *xc = a->xc + (size_t)t * d, *r = a->r + (size_t)t * d, *g = a->g_r + (size_t)t * d;
+        const float *x = a->x + (size_t)t * d;
+        for (int j = 0; j < d; j++) { xc[j] = x[j] - a->b_dec[j]; r[j] = -xc[j]; }
+        for (int j = 0; j < k; j++) {
+            v[j] = sel[j] > 0 || isnan(sel[j]) ? sel[j] : 0.0f;
+            const float *w = a->w_dec + (size_t)ix[j] * d;
+            for (int c = 0; c < d; c++) r[c] += v[j] * w[c];
+        }
+        for (int c = 0; c < d; c++) {
+            g[c] = a->coef * r[c];
+            a->gbdec[c] += g[c];
+        }
+        sq += dot(r, r, d);
+        for (int j = 0; j < k; j++) {
+            float gv = dot(a->w_dec + (size_t)ix[j] * d, g, d);
+            gp[j] = sel[j] > 0 ? gv + a->l1n : 0.0f;
+            vg[j] = v[j] * gv;
+            sum_v += v[j];
+            nonzero += v[j] > 0;
+        }
+    }
+    a->sums[0] += sq;
+    a->sums[1] += sum_v;
+    a->sums[2] += nonzero;
+    free(sel);
+    return 1;
+}
+
+static PyObject *sparse_half(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer b[13];  /* pre x w_dec b_dec | idx codes g_pre vg xc r g_r sums gbdec */
+    Py_ssize_t t0;
+    int k;
+    float coef, l1n;
+    memset(b, 0, sizeof(b));
+    if (!PyArg_ParseTuple(args, "y*y*y*y*niffw*w*w*w*w*w*w*w*w*", &b[0], &b[1], &b[2], &b[3],
+                          &t0, &k, &coef, &l1n, &b[4], &b[5], &b[6], &b[7], &b[8], &b[9],
+                          &b[10], &b[11], &b[12]))
         return NULL;
-    Py_ssize_t pairs = idx.len / 4, n = k > 0 ? pairs / k : 0;
-    int ok = k > 0 && d > 0 && 0 <= lo && lo <= hi && need(&g_pre, pairs, "g_pre")
-             && need(&codes, pairs, "codes") && need(&xc, n * d, "xc")
-             && need(&g_r, n * d, "g_r") && enc.len >= (Py_ssize_t)hi * d * 4
-             && dec.len >= (Py_ssize_t)hi * d * 4;
+    Py_ssize_t d = b[3].len / 4, h = d ? b[2].len / 4 / d : 0, n = d ? b[1].len / 4 / d : 0;
+    Py_ssize_t rows = h ? b[0].len / 4 / h : 0;
+    int ok = d > 0 && h >= k && k > 0 && t0 >= 0 && t0 + rows <= n
+             && need(&b[0], rows, 4 * h, "pre") && need(&b[1], n, 4 * d, "x")
+             && need(&b[2], h, 4 * d, "w_dec") && need(&b[4], n, 4 * k, "idx")
+             && need(&b[5], n, 4 * k, "codes") && need(&b[6], n, 4 * k, "g_pre")
+             && need(&b[7], n, 4 * k, "vg") && need(&b[8], n, 4 * d, "xc")
+             && need(&b[9], n, 4 * d, "r") && need(&b[10], n, 4 * d, "g_r")
+             && need(&b[11], 3, 8, "sums") && need(&b[12], d, 8, "gbdec");
+    if (ok) {
+        HalfArgs a = {b[0].buf, b[1].buf, b[2].buf, b[3].buf, t0, rows, (int)h, (int)d, k,
+                      coef, l1n, b[4].buf, b[5].buf, b[6].buf, b[7].buf, b[8].buf, b[9].buf,
+                      b[10].buf, b[11].buf, b[12].buf};
+        Py_BEGIN_ALLOW_THREADS
+        ok = sparse_half_run(&a);
+        Py_END_ALLOW_THREADS
+        if (!ok) PyErr_NoMemory();
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "sparse_half: bad shapes or token range");
+    }
+    release(b, 13);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- grad_rows ------------------------------------------------------------------ */
+
+typedef struct {
+    const uint32_t *idx;
+    const float *g_pre, *codes, *vg, *xc, *g_r, *w_enc, *w_dec;
+    const int32_t *aux_of;
+    const float *aux_enc, *aux_dec, *aux_benc, *aux_proj;
+    Py_ssize_t pairs;
+    int k, d, lo, hi;
+    float *enc, *dec, *g_benc;
+    int32_t *fired;
+    double *sq, *bdec;
+} GradArgs;
+
+static int grad_rows_run(const GradArgs *a) {
+    int lo = a->lo, m = a->hi - lo, d = a->d;
+    Py_ssize_t *start = calloc((size_t)m + 1, sizeof(Py_ssize_t));
+    Py_ssize_t *fill = malloc(((size_t)m + 1) * sizeof(Py_ssize_t));
+    Py_ssize_t *order = NULL;
+    if (!start || !fill) goto fail;
+    for (Py_ssize_t p = 0; p < a->pairs; p++)
+        if (a->idx[p] >= (uint32_t)lo && a->idx[p] < (uint32_t)a->hi) start[a->idx[p] - lo + 1]++;
+    for (int l = 0; l < m; l++) start[l + 1] += start[l];
+    order = malloc(((size_t)start[m] + 1) * sizeof(Py_ssize_t));
+    if (!order) goto fail;
+    memcpy(fill, start, ((size_t)m + 1) * sizeof(Py_ssize_t));
+    for (Py_ssize_t p = 0; p < a->pairs; p++)  /* pairs in batch order within each latent */
+        if (a->idx[p] >= (uint32_t)lo && a->idx[p] < (uint32_t)a->hi)
+            order[fill[a->idx[p] - lo]++] = p;
+    double sq_enc = 0, sq_dec = 0;
+    for (int l = lo; l < a->hi; l++) {
+        float *e = a->enc + (size_t)l * d, *o = a->dec + (size_t)l * d;
+        memset(e, 0, (size_t)d * sizeof(float));
+        memset(o, 0, (size_t)d * sizeof(float));
+        float gb = 0, pr = 0;
+        int32_t fired = 0;
+        for (Py_ssize_t q = start[l - lo]; q < start[l - lo + 1]; q++) {
+            Py_ssize_t p = order[q], t = p / a->k;
+            const float *x = a->xc + (size_t)t * d, *g = a->g_r + (size_t)t * d;
+            float ge = a->g_pre[p], c = a->codes[p];
+            gb += ge;
+            pr += a->vg[p];
+            fired += c > 0;
+            for (int j = 0; j < d; j++) {
+                e[j] += ge * x[j];
+                o[j] += c * g[j];
+            }
+        }
+        int32_t aux = a->aux_of[l];
+        if (aux >= 0) {
+            const float *ae = a->aux_enc + (size_t)aux * d, *ad = a->aux_dec + (size_t)aux * d;
+            for (int j = 0; j < d; j++) {
+                e[j] += ae[j];
+                o[j] += ad[j];
+            }
+            gb += a->aux_benc[aux];
+            pr += a->aux_proj[aux];
+        }
+        const float *w = a->w_dec + (size_t)l * d, *we = a->w_enc + (size_t)l * d;
+        for (int j = 0; j < d; j++) o[j] -= pr * w[j];
+        sq_enc += dot(e, e, d);
+        sq_dec += dot(o, o, d);
+        a->g_benc[l] = gb;
+        a->fired[l] = fired;
+        if (gb != 0)
+            for (int j = 0; j < d; j++) a->bdec[j] += (double)gb * we[j];
+    }
+    a->sq[0] += sq_enc;
+    a->sq[1] += sq_dec;
+    free(start); free(fill); free(order);
+    return 1;
+fail:
+    free(start); free(fill); free(order);
+    return 0;
+}
+
+static PyObject *grad_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer b[19];  /* idx g_pre codes vg xc g_r w_enc w_dec aux_of aux_enc aux_dec
+                         aux_benc aux_proj | enc dec g_benc fired sq bdec */
+    int lo, hi;
+    memset(b, 0, sizeof(b));
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*y*y*y*iiw*w*w*w*w*w*", &b[0], &b[1],
+                          &b[2], &b[3], &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10],
+                          &b[11], &b[12], &lo, &hi, &b[13], &b[14], &b[15], &b[16], &b[17],
+                          &b[18]))
+        return NULL;
+    Py_ssize_t h = b[8].len / 4, d = h ? b[6].len / 4 / h : 0, n = d ? b[4].len / 4 / d : 0;
+    Py_ssize_t pairs = b[0].len / 4, k = n ? pairs / n : 0;
+    Py_ssize_t aux_rows = d ? b[9].len / 4 / d : 0;
+    int ok = d > 0 && k > 0 && pairs == n * k && 0 <= lo && lo <= hi && hi <= h
+             && need(&b[1], pairs, 4, "g_pre") && need(&b[2], pairs, 4, "codes")
+             && need(&b[3], pairs, 4, "vg") && need(&b[5], n, 4 * d, "g_r")
+             && need(&b[6], h, 4 * d, "w_enc") && need(&b[7], h, 4 * d, "w_dec")
+             && need(&b[9], aux_rows, 4 * d, "aux_enc") && need(&b[10], aux_rows, 4 * d, "aux_dec")
+             && need(&b[11], aux_rows, 4, "aux_benc") && need(&b[12], aux_rows, 4, "aux_proj")
+             && need(&b[13], h, 4 * d, "enc") && need(&b[14], h, 4 * d, "dec")
+             && need(&b[15], h, 4, "g_benc") && need(&b[16], h, 4, "fired")
+             && need(&b[17], 2, 8, "sq") && need(&b[18], d, 8, "bdec");
+    const int32_t *aux_of = b[8].buf;
+    const uint32_t *idx = b[0].buf;
+    for (Py_ssize_t l = 0; ok && l < h; l++) ok = aux_of[l] < aux_rows;
+    for (Py_ssize_t p = 0; ok && p < pairs; p++) ok = idx[p] < (uint32_t)h;
+    if (ok) {
+        GradArgs a = {idx, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf, b[7].buf,
+                      aux_of, b[9].buf, b[10].buf, b[11].buf, b[12].buf, pairs, (int)k,
+                      (int)d, lo, hi, b[13].buf, b[14].buf, b[15].buf, b[16].buf, b[17].buf,
+                      b[18].buf};
+        Py_BEGIN_ALLOW_THREADS
+        ok = grad_rows_run(&a);
+        Py_END_ALLOW_THREADS
+        if (!ok) PyErr_NoMemory();
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "grad_rows: bad shapes, latent range or indices");
+    }
+    release(b, 19);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- adam_rows ------------------------------------------------------------------ */
+
+static void adam_run(float *p, float *m, float *v, const float *g, Py_ssize_t lo,
+                     Py_ssize_t hi, Py_ssize_t d, const float *c, int unit) {
+    /* c: clip, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1^t), 1 / sqrt(1 - b2^t), eps; the
+     * arithmetic of steps._adam and steps._unit_rows, in float32 */
+    for (Py_ssize_t r = lo; r < hi; r++) {
+        float *pr = p + (size_t)r * d, *mr = m + (size_t)r * d, *vr = v + (size_t)r * d;
+        const float *gr = g + (size_t)r * d;
+        for (Py_ssize_t j = 0; j < d; j++) {
+            float gg = gr[j] * c[0];
+            float mm = c[1] * mr[j] + c[2] * gg, vv = c[3] * vr[j] + c[4] * (gg * gg);
+            mr[j] = mm;
+            vr[j] = vv;
+            pr[j] = pr[j] - c[5] * mm / (sqrtf(vv) * c[6] + c[7]);
+        }
+        if (unit) {
+            float norm = sqrtf(dot(pr, pr, d)) + 1.1920929e-07f;
+            for (Py_ssize_t j = 0; j < d; j++) pr[j] = pr[j] / norm;
+        }
+    }
+}
+
+static PyObject *adam_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer b[4];  /* p m v g */
+    Py_ssize_t lo, hi, d;
+    int unit;
+    float c[8];
+    memset(b, 0, sizeof(b));
+    if (!PyArg_ParseTuple(args, "w*w*w*y*nnn(ffffffff)p", &b[0], &b[1], &b[2], &b[3], &lo, &hi,
+                          &d, &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], &c[6], &c[7], &unit))
+        return NULL;
+    Py_ssize_t rows = d > 0 ? b[0].len / 4 / d : 0;
+    int ok = d > 0 && 0 <= lo && lo <= hi && hi <= rows && need(&b[0], rows, 4 * d, "p")
+             && need(&b[1], rows, 4 * d, "m") && need(&b[2], rows, 4 * d, "v")
+             && need(&b[3], rows, 4 * d, "g");
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
-        weight_grads_range(idx.buf, g_pre.buf, codes.buf, xc.buf, g_r.buf, pairs, k, d, lo,
-                           hi, enc.buf, dec.buf);
+        adam_run(b[0].buf, b[1].buf, b[2].buf, b[3].buf, lo, hi, d, c, unit);
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "weight_grads: bad shapes or latent range");
+        PyErr_SetString(PyExc_ValueError, "adam_rows: bad shapes or row range");
     }
-    PyBuffer_Release(&idx); PyBuffer_Release(&g_pre); PyBuffer_Release(&codes);
-    PyBuffer_Release(&xc); PyBuffer_Release(&g_r); PyBuffer_Release(&enc);
-    PyBuffer_Release(&dec);
+    release(b, 4);
     if (!ok) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"weight_grads", weight_grads, METH_VARARGS,
-     "weight_grads(idx, g_pre, codes, xc, g_r, k, d, lo, hi, enc, dec): rows [lo, hi) of "
-     "the encoder and decoder weight gradients, written into enc and dec (float32)."},
+    {"sparse_half", sparse_half, METH_VARARGS,
+     "sparse_half(pre, x, w_dec, b_dec, t0, k, coef, l1n, idx, codes, g_pre, vg, xc, r, g_r, "
+     "sums, gbdec): tokens [t0, t0 + len(pre)) of the batch x: top-k, codes, residual and "
+     "gradients into the batch-wide outputs; adds to sums and gbdec (float64)."},
+    {"grad_rows", grad_rows, METH_VARARGS,
+     "grad_rows(idx, g_pre, codes, vg, xc, g_r, w_enc, w_dec, aux_of, aux_enc, aux_dec, "
+     "aux_benc, aux_proj, lo, hi, enc, dec, g_benc, fired, sq, bdec): latents [lo, hi) of "
+     "the finished gradients; adds to sq and bdec (float64)."},
+    {"adam_rows", adam_rows, METH_VARARGS,
+     "adam_rows(p, m, v, g, lo, hi, d, (clip, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1^t), "
+     "1 / sqrt(1 - b2^t), eps), unit): Adam on rows [lo, hi) of width d, in place."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "saelab._kernels",
-                                    "CPU kernels of the fast training step.", -1, methods};
+                                    "CPU kernels of the fast training step.", -1, methods,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -223,7 +223,8 @@ class SAEConfig:
     over: 4 cost 3-4% of a quick-sized trial (benchmarks/README.md, "Downstream cost")."""
 
     fast_step: bool = True
-    """The compiled hand-written step (False: the autodiff reference; same updates)."""
+    """The fast step: hand-written gradients, in C on the CPU where built (False: the
+    autodiff reference; same updates)."""
 
     use_wandb: bool = False
     """Log the run to Weights & Biases (offline under ``outputs/`` unless ``WANDB_MODE``)."""

@@ -7,7 +7,8 @@ Both give the same update from the same state and batch (tested):
 segment-sum weight gradients, AuxK as dense products over the dead latents'
 columns only; the batch's two token halves on the two CPU streams, then the
 encoder's and the decoder's updates one per stream; block timings in
-benchmarks/README.md). Both minimize
+benchmarks/README.md; on the CPU with the C extension built, ``host_step`` runs the
+step's sparse work in C instead). Both minimize
 
     loss = FVU + auxk_coefficient * AuxK + l1_coefficient * L1
 
@@ -31,7 +32,7 @@ import mlx.core as mx
 from saelab.config import SAEConfig
 from saelab.sae import decode_codes, decode_codes_vjp, pre_activations, topk_codes
 from saelab.topk import argpartition_topk, block_topk, cpu_streams
-from saelab.weight_grads import choose_grad_mode, host_weight_grads, mlx_weight_grads
+from saelab.weight_grads import choose_grad_mode, mlx_weight_grads
 
 ADAM_EPS = 1e-8
 _TSF_CAP = 2**30  # tokens-since-fired saturates here (int32)
@@ -79,7 +80,7 @@ class StepConsts:
     tied: bool
     grad_mode: str | None
     """Top-k weight-gradient form: ``segment`` (sorted segment-sums), ``dense`` (BLAS
-    matmul), ``host`` (``weight_grads.host_weight_grads``, C), or None: ``choose_grad_mode``."""
+    matmul), ``host`` (C: ``host_step.make_host_step``), or None: ``choose_grad_mode``."""
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, d_model: int, d_hidden: int,
@@ -240,12 +241,6 @@ class _Partial(NamedTuple):
     """[latents] number of nonzero codes."""
     sums: mx.array
     """[4]: squared residual, squared AuxK error (unscaled), codes, nonzero codes."""
-    pairs: tuple
-    """``host`` mode: (idx, g_pre, codes, xc, g_r) for ``weight_grads.host_weight_grads``,
-    and ``g_wenc``/``g_wdec`` hold only AuxK's rows (a scalar 0 without AuxK); else ()."""
-    aux_cols: tuple
-    """``host`` mode with AuxK: (the dead latents' columns,), where AuxK's rows go (the
-    same in both halves); else ()."""
 
 
 def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.array,
@@ -261,11 +256,8 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
     idx, v = codes.indices, codes.values
     r, g_r, g_v = _decode_residual(w_dec, v, idx, -xc, 2 / tv)  # r = recon - x
     g_pre = mx.where(codes.selected > 0, g_v + consts.l1_coefficient * inv_n, 0)
-    mode = consts.grad_mode or choose_grad_mode(k, h, consts.tied)
-    if mode == "host":
-        g_wenc = g_wdec = mx.array(0.0)
-    else:
-        g_wenc, g_wdec = mlx_weight_grads(idx, g_pre, xc, v, g_r, h, mode)
+    mode = consts.grad_mode or choose_grad_mode(k, h, consts.tied, host=False)
+    g_wenc, g_wdec = mlx_weight_grads(idx, g_pre, xc, v, g_r, h, mode)
     flat = idx.reshape(-1)
     g_benc = mx.zeros((h,)).at[flat].add(g_pre.reshape(-1))
     proj = mx.zeros((h,)).at[flat].add((v * g_v).reshape(-1))
@@ -277,34 +269,27 @@ def _slice_grads(p: dict, x: mx.array, tv: mx.array, inv_n: mx.array, tsf: mx.ar
         # e = e_hat - (x - recon): AuxK's decode of the dead latents against the residual
         cols, aux_v, aux_g, e, g_e, g_av = _auxk(pre, tsf, w_dec, r, coef, aux_width, consts)
         aux_sq = mx.sum(mx.square(e))
-        if mode == "host":  # [width, d_model] rows, added to the kernel's at cols
-            g_wenc, g_wdec = aux_g.T @ xc, aux_v.T @ g_e
-        else:
-            g_wenc = g_wenc.at[cols].add(aux_g.T @ xc)  # cols are distinct latents
-            g_wdec = g_wdec.at[cols].add(aux_v.T @ g_e)
+        g_wenc = g_wenc.at[cols].add(aux_g.T @ xc)  # cols are distinct latents
+        g_wdec = g_wdec.at[cols].add(aux_v.T @ g_e)
         g_benc = g_benc.at[cols].add(mx.sum(aux_g, axis=0))
         proj = proj.at[cols].add(mx.sum(aux_v * g_av, axis=0))
     return _Partial(g_wenc, g_wdec, g_benc, mx.sum(g_r, axis=0), proj,
                     mx.zeros((h,), mx.int32).at[flat].add((v > 0).reshape(-1).astype(mx.int32)),
                     mx.stack([mx.sum(mx.square(r)), aux_sq, mx.sum(v),
-                              mx.sum(v > 0).astype(mx.float32)]),
-                    (idx, g_pre, v, xc, g_r) if mode == "host" else (),
-                    (cols,) if mode == "host" and aux_width else ())
+                              mx.sum(v > 0).astype(mx.float32)]))
 
 
-def _enc_grads(p: dict, a: _Partial, b: _Partial, host: mx.array) -> tuple[dict, mx.array]:
-    """The encoder's and biases' gradients from the two halves (plus ``host``, the
-    kernel's, or 0), and their squared norm."""
+def _enc_grads(p: dict, a: _Partial, b: _Partial) -> tuple[dict, mx.array]:
+    """The encoder's and biases' gradients from the two halves, and their squared norm."""
     g_benc = a.g_benc + b.g_benc
-    g = {"W_enc": a.g_wenc + b.g_wenc + host, "b_enc": g_benc,
+    g = {"W_enc": a.g_wenc + b.g_wenc, "b_enc": g_benc,
          "b_dec": a.g_bdec + b.g_bdec - g_benc @ p["W_enc"]}
     return g, sum(mx.sum(mx.square(x)) for x in g.values())
 
 
-def _dec_grad(w: mx.array, a: _Partial, b: _Partial, host: mx.array
-              ) -> tuple[mx.array, mx.array]:
+def _dec_grad(w: mx.array, a: _Partial, b: _Partial) -> tuple[mx.array, mx.array]:
     """The decoder's gradient without its row-parallel part, and its squared norm."""
-    g = a.g_wdec + b.g_wdec + host - (a.proj + b.proj)[:, None] * w
+    g = a.g_wdec + b.g_wdec - (a.proj + b.proj)[:, None] * w
     return g, mx.sum(mx.square(g))
 
 
@@ -328,10 +313,11 @@ def make_fast_step(consts: StepConsts):
     Each piece is compiled on its own and placed on a stream here: inside one ``mx.compile`` the
     graph's shared constants join the two streams' work and they run one after the
     other (benchmarks/README.md, "Step profile"). One compiled half-step per AuxK
-    width bucket (see StepConsts.aux_width)."""
-    if consts.tied and consts.grad_mode == "host":  # the tied update sums MLX's gradients
-        raise ValueError("grad_mode='host' is not valid with tied weights; allowed: "
-                         "segment, dense, None")
+    width bucket (see StepConsts.aux_width). ``host_step.make_step`` picks this step or
+    the C one."""
+    if consts.grad_mode == "host":
+        raise ValueError("grad_mode='host' is not valid for steps.make_fast_step (MLX ops); "
+                         "allowed: segment, dense, None (host_step.make_step runs 'host')")
     s_enc, s_dec = cpu_streams()
     halves: dict[int, object] = {}
     enc_grads, dec_grad = mx.compile(_enc_grads), mx.compile(_dec_grad)
@@ -340,7 +326,7 @@ def make_fast_step(consts: StepConsts):
 
     @mx.compile
     def tied_update(state, a, b, lr, t):
-        g, _ = _enc_grads(state["params"], a, b, mx.array(0.0))
+        g, _ = _enc_grads(state["params"], a, b)
         g["W_enc"] = g["W_enc"] + a.g_wdec + b.g_wdec
         return _apply_update(state, g, lr, t, consts)
 
@@ -375,19 +361,10 @@ def make_fast_step(consts: StepConsts):
             new["tsf"], metrics = finish(tsf, a, b, tv, mx.array(n, mx.float32))
             if consts.tied:
                 return {**tied_update(state, a, b, lr, t), "tsf": new["tsf"]}, metrics
-        host_enc = host_dec = mx.array(0.0)
-        if a.pairs:  # the C kernel: its inputs evaluated, both halves' pairs at once
-            host_enc, host_dec = host_weight_grads([a.pairs, b.pairs], consts.d_hidden)
-            if a.aux_cols:
-                (cols,) = a.aux_cols
-                host_enc = host_enc.at[cols].add(a.g_wenc + b.g_wenc)
-                host_dec = host_dec.at[cols].add(a.g_wdec + b.g_wdec)
-            zero = mx.array(0.0)
-            a, b = (part._replace(g_wenc=zero, g_wdec=zero) for part in (a, b))
         with mx.stream(s_enc):
-            g_enc, sq_enc = enc_grads(p, a, b, host_enc)
+            g_enc, sq_enc = enc_grads(p, a, b)
         with mx.stream(s_dec):
-            g_dec, sq_dec = dec_grad(p["W_dec"], a, b, host_dec)
+            g_dec, sq_dec = dec_grad(p["W_dec"], a, b)
             updated = {"W_dec": dec_update(state, g_dec, sq_dec + sq_enc, lr, t)}
         with mx.stream(s_enc):
             updated |= enc_update(state, g_enc, sq_enc + sq_dec, lr, t)

@@ -39,7 +39,8 @@ from saelab.accel import blas_threads
 from saelab.batches import TrainRows, as_rows
 from saelab.config import SAEConfig
 from saelab.sae import SAE
-from saelab.steps import StepConsts, StepMetrics, make_fast_step, reference_step
+from saelab.host_step import make_step
+from saelab.steps import StepConsts, StepMetrics, reference_step
 from saelab.validate import EVAL_BATCH, token_errors, validators
 
 STAT_SAMPLE = 32_768
@@ -223,7 +224,7 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
     validate, validate_all = validators(
         val, scale, cfg.eval_tokens or max(1024, total * cfg.batch_size // 200))
     consts = StepConsts.from_config(cfg, d, sae.d_hidden)
-    fast = make_fast_step(consts) if cfg.fast_step else None
+    fast = make_step(consts) if cfg.fast_step else None
 
     params = dict(sae.trainable_parameters())
     state = {"params": params, "m": {k: mx.zeros_like(p) for k, p in params.items()},

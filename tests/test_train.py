@@ -11,8 +11,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from saelab.config import SAEConfig
-from saelab.steps import (StepConsts, StepMetrics, _apply_update, make_fast_step,
-                          reference_step)
+from saelab.host_step import make_step
+from saelab.steps import StepConsts, StepMetrics, _apply_update, reference_step
 from saelab.weight_grads import _kernels
 from saelab.train import (RESAMPLE_ENCODER_SCALE, Callback, StopTraining, TrainingDiverged,
                           init_sae, lr_schedule, resample_dead, train_sae_on_arrays)
@@ -138,6 +138,7 @@ def _one_step_state(cfg, dead: int):
     ("segment", 100, 96, True, 0.0, 8, 512), ("dense", 3, None, True, 1e-3, 8, 512),
     ("segment", 30, None, False, 0.0, 8, 301),  # odd batch: unequal token halves
     ("host", 0, None, False, 1e-3, 8, 512), ("host", 40, None, False, 0.0, 8, 301),
+    ("host", 100, 96, False, 1e-3, 8, 512),  # more dead than k_aux: their top 96
     ("dense", 0, None, False, 0.0, 72, 256)])  # k * GATHER_RATIO > latents: dense decode
 def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1, k, tokens, require_system):
     if mode == "host":
@@ -149,7 +150,7 @@ def test_fast_step_equals_reference(mode, dead, k_aux, tied, l1, k, tokens, requ
     consts = StepConsts.from_config(cfg, D, sae.d_hidden, grad_mode=mode)
     lr, t = mx.array(1e-3), mx.array(1.0)
     ref_state, ref_out = reference_step(state, x, lr, t, dead, consts)
-    fast_state, fast_out = make_fast_step(consts)(state, x, lr, t, dead)
+    fast_state, fast_out = make_step(consts)(state, x, lr, t, dead)
     ref_m, fast_m = StepMetrics.read(ref_out), StepMetrics.read(fast_out)
     assert np.allclose(fast_m, ref_m, rtol=1e-4, atol=1e-6), (fast_m, ref_m)
     assert ref_m.l0 == cfg.k
@@ -302,7 +303,7 @@ def test_validator_chunks_padding_and_p99_match_numpy(trained):
 def test_resample_dead_reinitializes_rows_and_moments():
     cfg = small_cfg(auxk=False)
     sae, state, x = _one_step_state(cfg, 0)
-    step = make_fast_step(StepConsts.from_config(cfg, D, sae.d_hidden))
+    step = make_step(StepConsts.from_config(cfg, D, sae.d_hidden))
     for t in (1.0, 2.0):  # non-zero Adam moments everywhere
         state, _ = step(state, x, mx.array(1e-3), mx.array(t), 0)
     dead = np.sort(np.random.default_rng(3).choice(sae.d_hidden, 40, replace=False))
@@ -388,7 +389,7 @@ def test_resampling_in_training_revives_latents_that_then_fire(monkeypatch):
 def test_resample_dead_tied_weights_unit_rows():
     cfg = small_cfg(auxk=False, tied_weights=True)
     sae, state, x = _one_step_state(cfg, 30)
-    state, _ = make_fast_step(StepConsts.from_config(cfg, D, sae.d_hidden))(
+    state, _ = make_step(StepConsts.from_config(cfg, D, sae.d_hidden))(
         state, x, mx.array(1e-3), mx.array(1.0), 30)
     state["tsf"] = _one_step_state(cfg, 30)[1]["tsf"]  # 30 dead latents
     new, reborn = resample_dead(state, x, cfg.k, cfg.dead_tokens_threshold,

@@ -36,7 +36,8 @@ from saelab.host_step import adam_consts
 from saelab.sae import topk_codes
 from saelab.steps import _adam, _decode_residual
 from saelab.topk import block_topk
-from saelab.weight_grads import _kernels, mlx_weight_grads
+from saelab.kernels import _kernels
+from saelab.weight_grads import mlx_weight_grads
 
 D = 576
 

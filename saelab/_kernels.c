@@ -8,6 +8,7 @@
  * sparse_half: for tokens [t0, t0 + rows) of a batch with pre-activations pre: the top-k
  * latents and their codes, the reconstruction residual r = decode - (x - b_dec), the
  * residual gradient g_r = coef * r, the codes' gradients, and sums for the metrics.
+ * encode_rows: the same tokens' top-k, codes and squared errors only (validation).
  *
  * grad_rows: latents [lo, hi) of the weight and encoder-bias gradients over the batch's
  * (token, latent) pairs, finished: enc[l] = sum g_pre[p] * xc[token(p)], dec[l] = sum
@@ -121,6 +122,23 @@ typedef struct {
     double *sums, *gbdec;  /* [squared residual, codes, nonzero codes], [d] */
 } HalfArgs;
 
+/* Token t's top-k (ix, sel: the pre-activations), codes v and residual r = decode(v) -
+ * (x - b_dec) (xc = x - b_dec too, if given); returns |r|^2. scratch: h / BLOCK + k. */
+static float encode_token(const float *pre, const float *x, const float *w_dec,
+                          const float *b_dec, int h, int d, int k, uint32_t *ix, float *sel,
+                          float *v, float *xc, float *r, float *scratch) {
+    topk_row(pre, h, k, ix, sel, scratch);
+    for (int j = 0; j < d; j++) r[j] = b_dec[j] - x[j];
+    if (xc)
+        for (int j = 0; j < d; j++) xc[j] = -r[j];
+    for (int j = 0; j < k; j++) {
+        v[j] = sel[j] > 0 || isnan(sel[j]) ? sel[j] : 0.0f;
+        const float *w = w_dec + (size_t)ix[j] * d;
+        for (int c = 0; c < d; c++) r[c] += v[j] * w[c];
+    }
+    return dot(r, r, d);
+}
+
 static int sparse_half_run(const HalfArgs *a) {
     int h = a->h, d = a->d, k = a->k;
     float *sel = malloc((size_t)(k + h / BLOCK + k) * sizeof(float));
@@ -129,22 +147,14 @@ static int sparse_half_run(const HalfArgs *a) {
     for (Py_ssize_t i = 0; i < a->rows; i++) {
         Py_ssize_t t = a->t0 + i;
         uint32_t *ix = a->idx + (size_t)t * k;
-        topk_row(a->pre + (size_t)i * h, h, k, ix, sel, sel + k);
         float *v = a->codes + (size_t)t * k, *gp = a->g_pre + (size_t)t * k;
-        float *vg = a->vg + (size_t)t * k;
-        float *xc = a->xc + (size_t)t * d, *r = a->r + (size_t)t * d, *g = a->g_r + (size_t)t * d;
-        const float *x = a->x + (size_t)t * d;
-        for (int j = 0; j < d; j++) { xc[j] = x[j] - a->b_dec[j]; r[j] = -xc[j]; }
-        for (int j = 0; j < k; j++) {
-            v[j] = sel[j] > 0 || isnan(sel[j]) ? sel[j] : 0.0f;
-            const float *w = a->w_dec + (size_t)ix[j] * d;
-            for (int c = 0; c < d; c++) r[c] += v[j] * w[c];
-        }
+        float *vg = a->vg + (size_t)t * k, *r = a->r + (size_t)t * d, *g = a->g_r + (size_t)t * d;
+        sq += encode_token(a->pre + (size_t)i * h, a->x + (size_t)t * d, a->w_dec, a->b_dec, h,
+                           d, k, ix, sel, v, a->xc + (size_t)t * d, r, sel + k);
         for (int c = 0; c < d; c++) {
             g[c] = a->coef * r[c];
             a->gbdec[c] += g[c];
         }
-        sq += dot(r, r, d);
         for (int j = 0; j < k; j++) {
             float gv = dot(a->w_dec + (size_t)ix[j] * d, g, d);
             gp[j] = sel[j] > 0 ? gv + a->l1n : 0.0f;
@@ -192,6 +202,47 @@ static PyObject *sparse_half(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "sparse_half: bad shapes or token range");
     }
     release(b, 13);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *encode_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer b[7];  /* pre x w_dec b_dec | idx codes err */
+    Py_ssize_t t0;
+    int k, ok = 1;
+    memset(b, 0, sizeof(b));
+    if (!PyArg_ParseTuple(args, "y*y*y*y*niw*w*w*", &b[0], &b[1], &b[2], &b[3], &t0, &k, &b[4],
+                          &b[5], &b[6]))
+        return NULL;
+    Py_ssize_t d = b[3].len / 4, h = d ? b[2].len / 4 / d : 0, n = d ? b[1].len / 4 / d : 0;
+    Py_ssize_t rows = h ? b[0].len / 4 / h : 0;
+    ok = d > 0 && h >= k && k > 0 && t0 >= 0 && t0 + rows <= n
+         && need(&b[0], rows, 4 * h, "pre") && need(&b[1], n, 4 * d, "x")
+         && need(&b[2], h, 4 * d, "w_dec") && need(&b[4], n, 4 * k, "idx")
+         && need(&b[5], n, 4 * k, "codes") && need(&b[6], n, 4, "err");
+    float *scratch = ok ? malloc((size_t)(k + h / BLOCK + k + d) * sizeof(float)) : NULL;
+    if (ok && scratch) {
+        const float *pre = b[0].buf, *x = b[1].buf;
+        uint32_t *idx = b[4].buf;
+        float *codes = b[5].buf, *err = b[6].buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < rows; i++) {
+            Py_ssize_t t = t0 + i;
+            err[t] = encode_token(pre + (size_t)i * h, x + (size_t)t * d, b[2].buf, b[3].buf,
+                                  (int)h, (int)d, k, idx + (size_t)t * k, scratch,
+                                  codes + (size_t)t * k, NULL, scratch + k + h / BLOCK + k,
+                                  scratch + k);
+        }
+        Py_END_ALLOW_THREADS
+    } else if (ok) {
+        ok = 0;
+        PyErr_NoMemory();
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "encode_rows: bad shapes or token range");
+    }
+    free(scratch);
+    release(b, 7);
     if (!ok) return NULL;
     Py_RETURN_NONE;
 }
@@ -370,6 +421,9 @@ static PyMethodDef methods[] = {
      "sparse_half(pre, x, w_dec, b_dec, t0, k, coef, l1n, idx, codes, g_pre, vg, xc, r, g_r, "
      "sums, gbdec): tokens [t0, t0 + len(pre)) of the batch x: top-k, codes, residual and "
      "gradients into the batch-wide outputs; adds to sums and gbdec (float64)."},
+    {"encode_rows", encode_rows, METH_VARARGS,
+     "encode_rows(pre, x, w_dec, b_dec, t0, k, idx, codes, err): tokens [t0, t0 + len(pre)) "
+     "of x: top-k, codes and squared reconstruction error into the batch-wide outputs."},
     {"grad_rows", grad_rows, METH_VARARGS,
      "grad_rows(idx, g_pre, codes, vg, xc, g_r, w_enc, w_dec, aux_of, aux_enc, aux_dec, "
      "aux_benc, aux_proj, lo, hi, enc, dec, g_benc, fired, sq, bdec): latents [lo, hi) of "

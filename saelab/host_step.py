@@ -26,9 +26,7 @@ written unless they came from this step.
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -36,15 +34,12 @@ import numpy as np
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
+from saelab.kernels import THREADS, _kernels, c_array, run_threads, split
 from saelab.sae import pre_activations
 from saelab.steps import (_TSF_CAP, ADAM_EPS, StepConsts, StepMetrics, _auxk, make_fast_step,
                           reference_step)
 from saelab.topk import cpu_streams
-from saelab.weight_grads import _kernels, choose_grad_mode
-
-THREADS = 2
-_POOL: list[ThreadPoolExecutor] = []
-os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of the threads
+from saelab.weight_grads import choose_grad_mode
 
 
 def make_step(consts: StepConsts):
@@ -52,24 +47,6 @@ def make_step(consts: StepConsts):
     ``host``, else MLX's (``steps.make_fast_step``)."""
     mode = consts.grad_mode or choose_grad_mode(consts.k, consts.d_hidden, consts.tied)
     return make_host_step(consts) if mode == "host" else make_fast_step(consts)
-
-
-def run_threads(jobs: Sequence[tuple]) -> None:
-    """Each (function, *args) on a pool thread (two at once); returns when all are done."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(THREADS, thread_name_prefix="saelab-kernels"))
-    for job in [_POOL[0].submit(*job) for job in jobs]:
-        job.result()
-
-
-def _bounds(rows: int) -> list[tuple[int, int]]:
-    cuts = np.linspace(0, rows, THREADS + 1).astype(int)
-    return [(int(lo), int(hi)) for lo, hi in zip(cuts, cuts[1:])]
-
-
-def _np(a: mx.array | np.ndarray, dtype: type = np.float32) -> np.ndarray:
-    """A C-contiguous numpy view of an evaluated array (a copy only if it must)."""
-    return np.ascontiguousarray(np.asarray(a), dtype=dtype)
 
 
 def adam_consts(clip: float, lr: float, t: float, betas: Sequence[float]) -> tuple:
@@ -153,9 +130,9 @@ def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
                 outs.append(aux_fns[width](pre_i, tsf, w_dec, r[rows], xc[rows], coef))
         mx.eval(outs)
         (cols, *sa), (_, *sb) = outs  # the same columns in both halves
-        enc, dec, benc, proj = (_np(x) + _np(y) for x, y in zip(sa[:4], sb[:4]))
+        enc, dec, benc, proj = (c_array(x) + c_array(y) for x, y in zip(sa[:4], sb[:4]))
         sq = sa[4].item() + sb[4].item()
-        return (_np(cols, np.int32), enc, dec, benc, proj), sq * float(scale) / tv
+        return (c_array(cols, np.int32), enc, dec, benc, proj), sq * float(scale) / tv
 
     def step(state: dict, x: mx.array, lr: mx.array, t: mx.array, num_dead: int):
         n, d = x.shape
@@ -178,7 +155,7 @@ def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
         sums, gbdec = np.zeros((THREADS, 3)), np.zeros((THREADS, d))
         coef = float(np.float32(2) / np.float32(tv))
         l1n = float(np.float32(consts.l1_coefficient) * np.float32(1 / n))
-        run_threads([(_kernels.sparse_half, _np(pre_i), _np(x), w["W_dec"], w["b_dec"], t0, k,
+        run_threads([(_kernels.sparse_half, c_array(pre_i), c_array(x), w["W_dec"], w["b_dec"], t0, k,
                       coef, l1n, b["idx"], b["codes"], b["g_pre"], b["vg"], b["xc"], b["r"],
                       b["g_r"], sums[i], gbdec[i])
                      for i, (pre_i, t0) in enumerate(zip(pre, (0, half)))])
@@ -196,7 +173,7 @@ def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
         run_threads([(_kernels.grad_rows, b["idx"], b["g_pre"], b["codes"], b["vg"], b["xc"],
                       b["g_r"], w["W_enc"], w["W_dec"], aux_of, *aux, lo, hi, b["enc"], b["dec"],
                       b["g_benc"], b["fired"], sq[i], bdec[i])
-                     for i, (lo, hi) in enumerate(_bounds(h))])
+                     for i, (lo, hi) in enumerate(split(h))])
         phase("grad_rows")
         grads = {"W_enc": b["enc"], "W_dec": b["dec"], "b_enc": b["g_benc"],
                  "b_dec": (gbdec.sum(axis=0) - bdec.sum(axis=0)).astype(np.float32)}
@@ -208,7 +185,7 @@ def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
         c = adam_consts(clip, float(lr.item()), float(t.item()), consts.betas)
         m, v = ({key: view for key, (_, view) in own_arrays[part].items()} for part in "mv")
         jobs = [(_kernels.adam_rows, w[key], m[key], v[key], grads[key], lo, hi, d, c,
-                 key == "W_dec") for lo, hi in _bounds(h) for key in ("W_enc", "W_dec")]
+                 key == "W_dec") for lo, hi in split(h) for key in ("W_enc", "W_dec")]
         jobs += [(_kernels.adam_rows, w[key], m[key], v[key], grads[key], 0, 1, grads[key].size,
                   c, False) for key in ("b_enc", "b_dec")]
         run_threads(jobs)

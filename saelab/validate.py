@@ -6,7 +6,11 @@ variances, the 99%-lowest-norm mask) and the normalized float32 rows in fixed
 ``EVAL_BATCH``-row chunks (the last one zero-padded, its padding weighted 0).
 An evaluation schedules chunk after chunk without waiting, accumulates on the
 device, and reads the host values once at the end; the chunk graph is compiled
-once per (chunk shape, k) and shared by every trial in the process.
+once per (chunk shape, k) and shared by every trial in the process. On the CPU with
+saelab's C kernels built (``saelab.kernels``), each chunk's encoder matmuls run in MLX
+(a CPU stream per half) and its top-k and decode in C (a thread per half): MLX runs
+those on one thread, and with the C training step validation would otherwise have
+taken 6% of a trial (benchmarks/README.md, "Validation").
 
 Metrics: ``val/mse`` (raw units, per element), ``val/nmse`` (squared error /
 squared deviation from the validation mean: the fraction of variance
@@ -31,7 +35,9 @@ import numpy as np
 import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
 
+from saelab.kernels import _kernels, c_array, host_available, run_threads
 from saelab.sae import decode_codes, pre_activations, topk_codes
+from saelab.topk import cpu_streams
 
 EVAL_BATCH = 1024
 """Rows per validation chunk (at most). As fast as 4096 per token (x8 k32, x16 k128)
@@ -58,6 +64,7 @@ def _chunk_sums(params: dict, x: mx.array, weights: mx.array, k: int) -> tuple:
 
 
 _eval_chunk = mx.compile(_chunk_sums)  # module level: trials in one process share its graphs
+_pre = mx.compile(pre_activations)
 
 
 def _total_variance(x: np.ndarray, mask: np.ndarray | None, chunk: int) -> float:
@@ -97,6 +104,18 @@ class Validator:
         mx.eval(self.chunks)
 
     def __call__(self, params: dict, k: int, l1_coefficient: float) -> dict:
+        sums = self._host_sums if _host_params(params, k) else self._mlx_sums
+        (err_all, err_p99), l0, l1, dead = sums(params, k)
+        n, d = self.n, self.d
+        nmse = err_all / self.tv
+        return {"val/loss": nmse + l1_coefficient * l1 / n,
+                "val/mse": err_all / (n * d) / self.scale ** 2,
+                "val/nmse": nmse, "val/nmse_p99": err_p99 / self.tv_p99,
+                "val/explained_variance": 1.0 - nmse, "val/l0": l0 / n,
+                "val/dead_fraction": dead}
+
+
+    def _mlx_sums(self, params: dict, k: int) -> tuple:
         err = l0 = l1 = fired = 0
         for x, w in self.chunks:
             c_err, c_l0, c_l1, c_fired = _eval_chunk(params, x, w, k)
@@ -106,14 +125,37 @@ class Validator:
             mx.async_eval(err, l0, l1, fired)
         dead = mx.mean(fired == 0)
         mx.eval(err, l0, l1, dead)  # the one wait of an evaluation
-        (err_all, err_p99), l0, l1, dead = err.tolist(), l0.item(), l1.item(), dead.item()
-        n, d = self.n, self.d
-        nmse = err_all / self.tv
-        return {"val/loss": nmse + l1_coefficient * l1 / n,
-                "val/mse": err_all / (n * d) / self.scale ** 2,
-                "val/nmse": nmse, "val/nmse_p99": err_p99 / self.tv_p99,
-                "val/explained_variance": 1.0 - nmse, "val/l0": l0 / n,
-                "val/dead_fraction": dead}
+        return err.tolist(), l0.item(), l1.item(), dead.item()
+
+    def _host_sums(self, params: dict, k: int) -> tuple:
+        """The same sums with the C kernels: each chunk's two halves' encoder matmuls on
+        the two CPU streams, then their top-k and decode in C, a thread per half."""
+        w_dec, b_dec = (c_array(params[key]) for key in ("W_dec", "b_dec"))
+        err = np.zeros(2)
+        l0, l1, fired = 0, 0.0, np.zeros(w_dec.shape[0], np.int64)
+        for x, w in self.chunks:
+            rows, half = x.shape[0], x.shape[0] // 2
+            pre = []
+            for s, part in zip(cpu_streams(), (x[:half], x[half:])):
+                with mx.stream(s):
+                    pre.append(_pre(params, part))
+            mx.eval(pre)
+            idx, codes = np.empty((rows, k), np.uint32), np.empty((rows, k), np.float32)
+            tok_err = np.empty(rows, np.float32)
+            run_threads([(_kernels.encode_rows, c_array(p), c_array(x), w_dec, b_dec, t0, k, idx,
+                          codes, tok_err) for p, t0 in zip(pre, (0, half))])
+            w = np.asarray(w)
+            on = (codes > 0) & (w[:, :1] > 0)
+            err += tok_err.astype(np.float64) @ w
+            l0, l1 = l0 + int(on.sum()), l1 + float((codes * w[:, :1]).sum(dtype=np.float64))
+            fired += np.bincount(idx[on], minlength=len(fired))
+        return err.tolist(), l0, l1, float(np.mean(fired == 0))
+
+
+def _host_params(params: dict, k: int) -> bool:
+    """The C kernels can evaluate these: built and on, untied float32 weights, two halves."""
+    return (host_available() and "W_dec" in params and params["W_dec"].shape[0] >= k
+            and all(a.dtype == mx.float32 for a in params.values()))
 
 
 def validators(val: np.ndarray, scale: float, eval_tokens: int) -> tuple[Validator, Validator]:

@@ -10,9 +10,7 @@
   form's gathers on one thread at ~5 GB/s: 45.4 ms against 10.2 ms for the C kernel on
   one thread at x8 k32 batch 1024 (benchmarks/cpu_kernels.py).
 
-``pip install`` compiles ``saelab._kernels`` where a C compiler is present; it is an
-optional extension, so without one the install succeeds and MLX's forms are used.
-``SAELAB_FAST=0`` turns it off with saelab's other fast paths.
+Without the C kernels (``saelab.kernels``), MLX's forms are used.
 """
 
 from __future__ import annotations
@@ -20,18 +18,8 @@ from __future__ import annotations
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
-from saelab.accel import fast_paths_enabled
+from saelab.kernels import host_available
 from saelab.sae import GATHER_RATIO
-
-try:
-    from saelab import _kernels
-except ImportError:  # not built: no compiler at install time
-    _kernels = None
-
-
-def host_available() -> bool:
-    """The C kernels are built and enabled, and MLX computes on the CPU."""
-    return _kernels is not None and fast_paths_enabled() and mx.default_device() == mx.cpu
 
 
 def choose_grad_mode(k: int, d_hidden: int, tied: bool = False, host: bool | None = None) -> str:

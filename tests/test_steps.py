@@ -9,11 +9,12 @@ import pytest
 
 from saelab.config import SAEConfig
 from saelab.sae import SAE
-from saelab.host_step import adam_consts, make_host_step, make_step, run_threads
+from saelab.host_step import adam_consts, make_host_step, make_step
+from saelab.kernels import _kernels, host_available, run_threads
 from saelab.sae import decode_codes, decode_codes_vjp
 from saelab.steps import StepConsts, StepMetrics, _adam, _unit_rows, make_fast_step, reference_step
 from saelab.topk import argpartition_topk
-from saelab.weight_grads import _kernels, choose_grad_mode, host_available, mlx_weight_grads
+from saelab.weight_grads import choose_grad_mode, mlx_weight_grads
 
 D, H, K = 32, 256, 4
 

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from saelab.config import SAEConfig
 from saelab.host_step import make_step
 from saelab.steps import StepConsts, StepMetrics, _apply_update, reference_step
-from saelab.weight_grads import _kernels
+from saelab.kernels import _kernels, host_available
 from saelab.train import (RESAMPLE_ENCODER_SCALE, Callback, StopTraining, TrainingDiverged,
                           init_sae, lr_schedule, resample_dead, train_sae_on_arrays)
 from saelab.validate import Validator, validators
@@ -281,6 +281,11 @@ def test_validator_chunks_padding_and_p99_match_numpy(trained):
     assert len(small.chunks) == 11 and small.chunks[0][0].shape == (96, D)
     got = small(params, sae.k, 1e-3)
     assert got == small(params, sae.k, 1e-3)  # buffers reused, nothing consumed
+    if host_available():  # the C kernels' sums (used here) equal MLX's
+        (err, err99), l0, l1, dead = small._mlx_sums(params, sae.k)
+        (h_err, h_err99), h_l0, h_l1, h_dead = small._host_sums(params, sae.k)
+        assert (h_l0, h_dead) == (l0, dead) and h_l1 == pytest.approx(l1, rel=1e-5)
+        assert (h_err, h_err99) == pytest.approx((err, err99), rel=1e-5)
     for key, value in whole(params, sae.k, 1e-3).items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     x = mx.array(val.astype(np.float32))

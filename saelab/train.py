@@ -209,7 +209,8 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
     ``eval_hook(sae)`` (the SAE holding the current weights) returns more metrics for
     each evaluation, merged before the ``on_eval`` callbacks see them (the downstream
     metrics of ``sae.downstream_eval=every``); its time is left out of
-    ``train/tokens_per_second``.
+    ``train/tokens_per_second``, which counts from the first batch ready (out of core,
+    the shuffle buffer's first fill is a load, as reading ``train`` into RAM is).
 
     Returns the SAE (metadata filled in: training tokens, steps, final
     metrics, config) and the final metrics."""
@@ -239,10 +240,10 @@ def train_sae_on_arrays(train: np.ndarray | TrainRows, val: np.ndarray, cfg: SAE
     window, num_dead, last_val, hook_s = np.zeros(len(TRAIN_METRICS)), 0, {}, 0.0
     reborn_in_window = 0
     bar = tqdm(total=total, desc="Training", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
     try:
         batches = train.batches(cfg.batch_size, cfg.seed)
         x = mx.array(next(batches)) * scale
+        start = time.perf_counter()
         for step in range(total):
             lr, t = mx.array(lrs[step], mx.float32), mx.array(step + 1, mx.float32)
             with blas_threads(1 if fast is not None else None):  # it splits work itself

@@ -2,7 +2,7 @@
 inputs; prints one JSON line.
 
 The fast step on the CPU (saelab/host_step.py) keeps the encoder matmul in MLX and runs
-the rest in C (saelab/_kernels.c, built by ``pip install``): MLX runs those ops (top-k,
+the rest in C (saelab/_kernels*.c, built by ``pip install``): MLX runs those ops (top-k,
 row gathers, segment-sums, elementwise Adam) on one thread each without SIMD. The step
 runs each kernel on two threads; here each runs on one, over the whole batch (like one
 MLX stream), against the MLX form the MLX fast step (saelab/steps.py) uses:

@@ -5,7 +5,7 @@ MLX runs a TopK step's encoder matmul near the BLAS peak, but its sparse work (t
 row gathers, segment-sums, the elementwise Adam) on one thread per op without SIMD:
 at expansion 8 / k 32 / batch 1024 that was ~60% of the step (benchmarks/README.md,
 "Step profile"). This step keeps the matmul in MLX and does the rest in C
-(``saelab/_kernels.c``), each part split over the two cores:
+(``saelab/_kernels*.c``), each part split over the two cores:
 
 1. MLX: the two token halves' encoder matmuls, one per CPU stream;
 2. C ``sparse_half``, a thread per half: top-k, codes, residual, the codes' gradients;

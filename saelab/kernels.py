@@ -1,4 +1,5 @@
-"""saelab's C kernels (``saelab/_kernels.c``) and the two threads that run them.
+"""saelab's C kernels (``saelab/_kernels.c``: bindings, ``_kernels_math.c``: the math) and
+the two threads that run them.
 
 ``pip install`` compiles ``saelab._kernels`` where a C compiler is present; it is an
 optional extension, so without one the install succeeds and MLX's ops do the same

@@ -91,11 +91,15 @@ def _aux_rows(pre: mx.array, tsf: mx.array, w_dec: mx.array, r: mx.array, xc: mx
 
 def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
     """The C-backed fast step, with ``steps.make_fast_step``'s signature (see the module
-    docstring). With ``timings``, each call appends its phases' wall seconds there
-    (``benchmarks/train_step.py --profile``)."""
+    docstring; it counts the dead latents from ``state["tsf"]`` itself, so ``num_dead``
+    matters only for a batch of one token). With ``timings``, each call appends its
+    phases' wall seconds there (``benchmarks/train_step.py --profile``)."""
     if consts.tied:  # the tied update sums both gradients into one matrix
         raise ValueError("grad_mode='host' is not valid with tied weights; allowed: "
                          "segment, dense, None")
+    if _kernels is None:
+        raise ValueError("grad_mode='host' needs the C extension saelab._kernels, not built "
+                         "here (pip install with a C compiler); allowed: segment, dense, None")
     s_a, s_b = cpu_streams()
     pre_fn, aux_fns, own, bufs = mx.compile(pre_activations), {}, _Owned(), {}
     h, k = consts.d_hidden, consts.k

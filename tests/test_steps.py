@@ -215,3 +215,23 @@ def test_aux_width_buckets_the_dead_latents():
         [0, 16, 16, 32, 48, 48, 64, 128, 256]
     off = StepConsts.from_config(SAEConfig(expansion_factor=H // D, k=K, auxk=False), D, H)
     assert off.aux_width(100) == 0
+
+
+def test_host_mode_without_the_extension_is_a_one_line_error(monkeypatch):
+    """Where no compiler built saelab._kernels (as ``CC=false pip install -e .`` leaves it),
+    asking for ``host`` says so before any work; ``make_step``'s default then runs MLX's step."""
+    import saelab.host_step as host_step
+    import saelab.weight_grads as weight_grads
+
+    monkeypatch.setattr(host_step, "_kernels", None)
+    with pytest.raises(ValueError, match="needs the C extension saelab._kernels"):
+        make_host_step(_host_consts())
+    monkeypatch.setattr(weight_grads, "host_available", lambda: False)
+    consts = StepConsts.from_config(SAEConfig(expansion_factor=H // D, k=K), D, H)
+    state, x = _state(6), mx.random.normal((64, D), key=mx.random.key(6)) * 3
+    step = make_step(consts)
+    assert step.__qualname__.startswith("make_fast_step")
+    got, _ = step(state, x, mx.array(1e-3), mx.array(1.0), 0)
+    want, _ = reference_step(state, x, mx.array(1e-3), mx.array(1.0), 0, consts)
+    assert np.allclose(np.array(got["params"]["W_dec"]), np.array(want["params"]["W_dec"]),
+                       rtol=1e-3, atol=1e-6)

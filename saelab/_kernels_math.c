@@ -8,7 +8,7 @@
 
 static inline float dot(const float *a, const float *b, ptrdiff_t d) {
     /* 16 partial sums: a single running sum is a dependency chain the compiler may not
-     * reorder (no -ffast-math), 3.4x slower for the codes' gradients */
+     * reorder (no -ffast-math), 3.3x slower for the codes' gradients */
     float acc[16] = {0}, s = 0;
     ptrdiff_t c = 0;
     for (; c + 16 <= d; c += 16)

@@ -35,9 +35,31 @@ static int need(Py_buffer *b, Py_ssize_t items, Py_ssize_t size, const char *nam
     return 1;
 }
 
-static void release(Py_buffer *b, int count) {
+/* Every binding ends here: its buffers released, then None, or NULL with the error set
+ * (``bad`` when a check failed without setting one). */
+static PyObject *finish(int ok, Py_buffer *b, int count, const char *bad) {
+    if (!ok && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, bad);
     for (int i = 0; i < count; i++)
         if (b[i].obj) PyBuffer_Release(&b[i]);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    Py_ssize_t d, h, n, rows;
+} TokenShapes;
+
+/* b[0..5] = pre x w_dec b_dec idx codes (sparse_half, encode_rows): d_model from b_dec,
+ * latents from w_dec, batch tokens from x, and pre's rows within them from t0. */
+static int token_shapes(Py_buffer *b, Py_ssize_t t0, int k, TokenShapes *s) {
+    s->d = b[3].len / 4;
+    s->h = s->d ? b[2].len / 4 / s->d : 0;
+    s->n = s->d ? b[1].len / 4 / s->d : 0;
+    s->rows = s->h ? b[0].len / 4 / s->h : 0;
+    return s->d > 0 && s->h >= k && k > 0 && t0 >= 0 && t0 + s->rows <= s->n
+           && need(&b[0], s->rows, 4 * s->h, "pre") && need(&b[1], s->n, 4 * s->d, "x")
+           && need(&b[2], s->h, 4 * s->d, "w_dec") && need(&b[4], s->n, 4 * k, "idx")
+           && need(&b[5], s->n, 4 * k, "codes");
 }
 
 static PyObject *sparse_half(PyObject *self, PyObject *args) {
@@ -51,15 +73,13 @@ static PyObject *sparse_half(PyObject *self, PyObject *args) {
                           &t0, &k, &coef, &l1n, &b[4], &b[5], &b[6], &b[7], &b[8], &b[9],
                           &b[10], &b[11], &b[12]))
         return NULL;
-    Py_ssize_t d = b[3].len / 4, h = d ? b[2].len / 4 / d : 0, n = d ? b[1].len / 4 / d : 0;
-    Py_ssize_t rows = h ? b[0].len / 4 / h : 0;
-    int ok = d > 0 && h >= k && k > 0 && t0 >= 0 && t0 + rows <= n
-             && need(&b[0], rows, 4 * h, "pre") && need(&b[1], n, 4 * d, "x")
-             && need(&b[2], h, 4 * d, "w_dec") && need(&b[4], n, 4 * k, "idx")
-             && need(&b[5], n, 4 * k, "codes") && need(&b[6], n, 4 * k, "g_pre")
-             && need(&b[7], n, 4 * k, "vg") && need(&b[8], n, 4 * d, "xc")
-             && need(&b[9], n, 4 * d, "r") && need(&b[10], n, 4 * d, "g_r")
-             && need(&b[11], 3, 8, "sums") && need(&b[12], d, 8, "gbdec");
+    TokenShapes s;
+    int ok = token_shapes(b, t0, k, &s);
+    Py_ssize_t d = s.d, h = s.h, n = s.n, rows = s.rows;
+    ok = ok && need(&b[6], n, 4 * k, "g_pre") && need(&b[7], n, 4 * k, "vg")
+         && need(&b[8], n, 4 * d, "xc") && need(&b[9], n, 4 * d, "r")
+         && need(&b[10], n, 4 * d, "g_r") && need(&b[11], 3, 8, "sums")
+         && need(&b[12], d, 8, "gbdec");
     if (ok) {
         HalfArgs a = {b[0].buf, b[1].buf, b[2].buf, b[3].buf, t0, rows, (int)h, (int)d, k,
                       coef, l1n, b[4].buf, b[5].buf, b[6].buf, b[7].buf, b[8].buf, b[9].buf,
@@ -68,29 +88,22 @@ static PyObject *sparse_half(PyObject *self, PyObject *args) {
         ok = sparse_half_run(&a);
         Py_END_ALLOW_THREADS
         if (!ok) PyErr_NoMemory();
-    } else if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "sparse_half: bad shapes or token range");
     }
-    release(b, 13);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return finish(ok, b, 13, "sparse_half: bad shapes or token range");
 }
 
 static PyObject *encode_rows(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer b[7];  /* pre x w_dec b_dec | idx codes err */
     Py_ssize_t t0;
-    int k, ok = 1;
+    int k;
     memset(b, 0, sizeof(b));
     if (!PyArg_ParseTuple(args, "y*y*y*y*niw*w*w*", &b[0], &b[1], &b[2], &b[3], &t0, &k, &b[4],
                           &b[5], &b[6]))
         return NULL;
-    Py_ssize_t d = b[3].len / 4, h = d ? b[2].len / 4 / d : 0, n = d ? b[1].len / 4 / d : 0;
-    Py_ssize_t rows = h ? b[0].len / 4 / h : 0;
-    ok = d > 0 && h >= k && k > 0 && t0 >= 0 && t0 + rows <= n
-         && need(&b[0], rows, 4 * h, "pre") && need(&b[1], n, 4 * d, "x")
-         && need(&b[2], h, 4 * d, "w_dec") && need(&b[4], n, 4 * k, "idx")
-         && need(&b[5], n, 4 * k, "codes") && need(&b[6], n, 4, "err");
+    TokenShapes s;
+    int ok = token_shapes(b, t0, k, &s) && need(&b[6], s.n, 4, "err");
+    Py_ssize_t d = s.d, h = s.h, rows = s.rows;
     float *scratch = ok ? malloc((size_t)(k + h / BLOCK + k + d) * sizeof(float)) : NULL;
     if (ok && scratch) {
         const float *pre = b[0].buf, *x = b[1].buf;
@@ -108,13 +121,9 @@ static PyObject *encode_rows(PyObject *self, PyObject *args) {
     } else if (ok) {
         ok = 0;
         PyErr_NoMemory();
-    } else if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "encode_rows: bad shapes or token range");
     }
     free(scratch);
-    release(b, 7);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return finish(ok, b, 7, "encode_rows: bad shapes or token range");
 }
 
 static PyObject *grad_rows(PyObject *self, PyObject *args) {
@@ -153,12 +162,8 @@ static PyObject *grad_rows(PyObject *self, PyObject *args) {
         ok = grad_rows_run(&a);
         Py_END_ALLOW_THREADS
         if (!ok) PyErr_NoMemory();
-    } else if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "grad_rows: bad shapes, latent range or indices");
     }
-    release(b, 19);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return finish(ok, b, 19, "grad_rows: bad shapes, latent range or indices");
 }
 
 static PyObject *adam_rows(PyObject *self, PyObject *args) {
@@ -179,12 +184,8 @@ static PyObject *adam_rows(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         adam_run(b[0].buf, b[1].buf, b[2].buf, b[3].buf, lo, hi, d, c, unit);
         Py_END_ALLOW_THREADS
-    } else if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "adam_rows: bad shapes or row range");
     }
-    release(b, 4);
-    if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return finish(ok, b, 4, "adam_rows: bad shapes or row range");
 }
 
 static PyMethodDef methods[] = {

@@ -34,8 +34,7 @@ import numpy as np
 import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
-from saelab.kernels import THREADS, _kernels, c_array, run_threads, split
-from saelab.sae import pre_activations
+from saelab.kernels import THREADS, _kernels, c_array, pre_activation_halves, run_threads, split
 from saelab.steps import (_TSF_CAP, ADAM_EPS, StepConsts, StepMetrics, _auxk, make_fast_step,
                           reference_step)
 from saelab.topk import cpu_streams
@@ -101,7 +100,7 @@ def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
         raise ValueError("grad_mode='host' needs the C extension saelab._kernels, not built "
                          "here (pip install with a C compiler); allowed: segment, dense, None")
     s_a, s_b = cpu_streams()
-    pre_fn, aux_fns, own, bufs = mx.compile(pre_activations), {}, _Owned(), {}
+    aux_fns, own, bufs = {}, _Owned(), {}
     h, k = consts.d_hidden, consts.k
     clock = [0.0]
 
@@ -146,12 +145,8 @@ def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
         own_arrays = own.take(state)
         p = {key: a for key, (a, _) in own_arrays["params"].items()}
         w = {key: view for key, (_, view) in own_arrays["params"].items()}
-        half = n // 2
-        with mx.stream(s_a):
-            pre = [pre_fn(p, x[:half])]
-            tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
-        with mx.stream(s_b):
-            pre.append(pre_fn(p, x[half:]))
+        half, pre = n // 2, pre_activation_halves(p, x)
+        tv = mx.sum(mx.square(x - mx.mean(x, axis=0)))
         mx.eval(pre, tv, x, state["tsf"])
         phase("matmuls")
         tv = float(tv.item())
@@ -159,9 +154,9 @@ def make_host_step(consts: StepConsts, timings: dict[str, list] | None = None):
         sums, gbdec = np.zeros((THREADS, 3)), np.zeros((THREADS, d))
         coef = float(np.float32(2) / np.float32(tv))
         l1n = float(np.float32(consts.l1_coefficient) * np.float32(1 / n))
-        run_threads([(_kernels.sparse_half, c_array(pre_i), c_array(x), w["W_dec"], w["b_dec"], t0, k,
-                      coef, l1n, b["idx"], b["codes"], b["g_pre"], b["vg"], b["xc"], b["r"],
-                      b["g_r"], sums[i], gbdec[i])
+        run_threads([(_kernels.sparse_half, c_array(pre_i), c_array(x), w["W_dec"], w["b_dec"],
+                      t0, k, coef, l1n, b["idx"], b["codes"], b["g_pre"], b["vg"], b["xc"],
+                      b["r"], b["g_r"], sums[i], gbdec[i])
                      for i, (pre_i, t0) in enumerate(zip(pre, (0, half)))])
         phase("sparse_halves")
         tsf = np.asarray(state["tsf"])

@@ -21,6 +21,8 @@ import saelab  # noqa: F401  (OpenBLAS preload before mlx.core)
 import mlx.core as mx
 
 from saelab.accel import fast_paths_enabled
+from saelab.sae import pre_activations
+from saelab.topk import cpu_streams
 
 try:
     from saelab import _kernels
@@ -29,6 +31,7 @@ except ImportError:  # not built: no compiler at install time
 
 THREADS = 2
 _POOL: list[ThreadPoolExecutor] = []
+_PRE_ACTIVATIONS = mx.compile(pre_activations)
 os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of the threads
 
 
@@ -55,3 +58,14 @@ def c_array(a: mx.array | np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """A C-contiguous numpy view of an array for the kernels (evaluated; a copy only if
     it must be)."""
     return np.ascontiguousarray(np.asarray(a), dtype=dtype)
+
+
+def pre_activation_halves(params: dict, x: mx.array) -> list[mx.array]:
+    """The encoder's pre-activations of ``x``'s two token halves (rows up to ``n // 2``,
+    then the rest), each queued on its own CPU stream, not evaluated: the kernels then
+    take a half per thread."""
+    half, out = x.shape[0] // 2, []
+    for s, rows in zip(cpu_streams(), (x[:half], x[half:])):
+        with mx.stream(s):
+            out.append(_PRE_ACTIVATIONS(params, rows))
+    return out

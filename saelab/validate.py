@@ -35,9 +35,8 @@ import numpy as np
 import saelab  # noqa: F401  (OpenBLAS + malloc set-up before mlx.core)
 import mlx.core as mx
 
-from saelab.kernels import _kernels, c_array, host_available, run_threads
+from saelab.kernels import _kernels, c_array, host_available, pre_activation_halves, run_threads
 from saelab.sae import decode_codes, pre_activations, topk_codes
-from saelab.topk import cpu_streams
 
 EVAL_BATCH = 1024
 """Rows per validation chunk (at most). As fast as 4096 per token (x8 k32, x16 k128)
@@ -64,7 +63,6 @@ def _chunk_sums(params: dict, x: mx.array, weights: mx.array, k: int) -> tuple:
 
 
 _eval_chunk = mx.compile(_chunk_sums)  # module level: trials in one process share its graphs
-_pre = mx.compile(pre_activations)
 
 
 def _total_variance(x: np.ndarray, mask: np.ndarray | None, chunk: int) -> float:
@@ -114,7 +112,6 @@ class Validator:
                 "val/explained_variance": 1.0 - nmse, "val/l0": l0 / n,
                 "val/dead_fraction": dead}
 
-
     def _mlx_sums(self, params: dict, k: int) -> tuple:
         err = l0 = l1 = fired = 0
         for x, w in self.chunks:
@@ -135,10 +132,7 @@ class Validator:
         l0, l1, fired = 0, 0.0, np.zeros(w_dec.shape[0], np.int64)
         for x, w in self.chunks:
             rows, half = x.shape[0], x.shape[0] // 2
-            pre = []
-            for s, part in zip(cpu_streams(), (x[:half], x[half:])):
-                with mx.stream(s):
-                    pre.append(_pre(params, part))
+            pre = pre_activation_halves(params, x)
             mx.eval(pre)
             idx, codes = np.empty((rows, k), np.uint32), np.empty((rows, k), np.float32)
             tok_err = np.empty(rows, np.float32)

@@ -94,11 +94,12 @@ def main() -> None:
     m = [mx.array(bufs[key]) for key in ("idx", "g_pre", "xc", "codes", "g_r")]
     mlx_wg = mx.compile(lambda *a: mlx_weight_grads(*a, h, "segment"))
     zero = np.zeros((h, D), np.float32)  # w_dec 0: no projection, so enc/dec are the raw sums
-    out["grad_rows_ms"] = {"mlx_segment_sums": median_ms(lambda: mx.eval(mlx_wg(*m))), "c": median_ms(
-        lambda: _kernels.grad_rows(bufs["idx"], bufs["g_pre"], bufs["codes"], bufs["vg"],
-                                   bufs["xc"], bufs["g_r"], w_enc, zero, np.full(h, -1, np.int32),
-                                   *no_aux, 0, h, enc, dec, g_benc, fired, np.zeros(2),
-                                   np.zeros(D)))}
+    out["grad_rows_ms"] = {
+        "mlx_segment_sums": median_ms(lambda: mx.eval(mlx_wg(*m))),
+        "c": median_ms(lambda: _kernels.grad_rows(
+            bufs["idx"], bufs["g_pre"], bufs["codes"], bufs["vg"], bufs["xc"], bufs["g_r"], w_enc,
+            zero, np.full(h, -1, np.int32), *no_aux, 0, h, enc, dec, g_benc, fired, np.zeros(2),
+            np.zeros(D)))}
     out["grad_rows_max_rel_diff"] = float(max(
         np.abs(np.array(a) - b).max() / np.abs(b).max() for a, b in zip(mlx_wg(*m), (enc, dec))))
 
